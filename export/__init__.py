@@ -1,0 +1,1 @@
+"""Portable decoding of momctl models (installed as momctl.export): the recurrent step, ONNX export and runtime."""

@@ -1,0 +1,1 @@
+"""Recurrence kernels of momctl (installed as momctl.kernels)."""

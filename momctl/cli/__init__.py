@@ -1,0 +1,39 @@
+"""The `momctl` command line: thin Typer commands over the library. `main()` turns user errors into one red line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import MomctlError
+from . import presets, smoke
+
+app = typer.Typer(name="momctl", help="Train, run, measure and ship Mixture-of-Memories language models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("presets")(presets.presets)
+app.command("smoke")(smoke.smoke)
+
+err_console = Console(stderr=True)
+
+
+def main() -> None:
+    """Entry point: user errors (MomctlError, ValueError) print one red line and exit 1; MOMCTL_DEBUG=1 re-raises."""
+    try:
+        app(standalone_mode=False)
+    except (MomctlError, ValueError) as err:
+        if os.environ.get("MOMCTL_DEBUG") == "1":
+            raise
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, markup=True)
+        sys.exit(1)
+    except Exception as err:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,185 @@
+"""The MoM layer (FLA `MomAttention` parameter names): route, group, project, convolve, update memories, mix.
+
+Legend: B batch, T time, D d_model, E memories, A top-k, S slots (E routed memories + the shared one),
+P position in a segment (P = T), H heads, K key head dim, V value head dim, C channels, W conv width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .modules import GatedRMSNorm, ShortConvWeight, at_least_fp32, short_conv
+from .recurrence import memory_update
+from .routing import gather_segments, group_tokens
+from .routing import mix_segments as mix
+from .state import MemoryState
+
+
+@dataclass
+class MixerOutput:
+    y_BTD: torch.Tensor
+    state: MemoryState | None
+    router_logits_BTE: torch.Tensor | None  # None for a single memory (no router)
+    tokens_per_memory_E: torch.Tensor  # int64, real tokens routed to each memory
+
+
+def _linears(n: int, d_in: int, d_out: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.Linear(d_in, d_out, bias=False) for _ in range(n))
+
+
+def slot_linear(x: torch.Tensor, weight_SCD: torch.Tensor) -> torch.Tensor:
+    """Each slot's own projection: x `[B, L, D]` (every slot sees the same rows) or `[B, S, L, D]` -> `[B, S, L, C]`."""
+    if x.dim() == 3:
+        return torch.einsum("bld,scd->bslc", x, weight_SCD.to(x.dtype))
+    return torch.einsum("bsld,scd->bslc", x, weight_SCD.to(x.dtype))
+
+
+class MoMMixer(nn.Module):
+    """One Mixture-of-Memories layer, as in shared/mom-spec.md."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, E, H = config.d_model, config.num_memories, config.num_heads
+        HK, HV = config.key_dim, config.value_dim
+        if E > 1:
+            self.gate = nn.Linear(D, E, bias=False)
+        self.q_proj = nn.Linear(D, HK, bias=False)
+        self.k_proj = _linears(E, D, HK)
+        self.v_proj = _linears(E, D, HV)
+        if config.has_beta:
+            self.b_proj = _linears(E, D, H)
+        if config.has_decay:
+            self.a_proj = _linears(E, D, H)
+        if config.shared_memory:
+            self.shared_k = nn.Linear(D, HK, bias=False)
+            self.shared_v = nn.Linear(D, HV, bias=False)
+            if config.has_beta:
+                self.shared_b = nn.Linear(D, H, bias=False)
+            if config.has_decay:
+                self.shared_a = nn.Linear(D, H, bias=False)
+        if config.has_decay:
+            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
+            # dt log-uniform in [1e-3, 0.1]; dt_bias is its inverse softplus.
+            dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log._no_weight_decay = True
+            self.dt_bias._no_weight_decay = True
+        self.q_conv1d = ShortConvWeight(HK, config.conv_size)
+        self.k_conv1d = ShortConvWeight(HK, config.conv_size)
+        self.v_conv1d = ShortConvWeight(HV, config.conv_size)
+        self.g_proj = nn.Linear(D, HV, bias=False)
+        self.o_norm = GatedRMSNorm(config.head_v_dim, config.norm_eps)
+        self.o_proj = nn.Linear(HV, D, bias=False)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, gain=2 ** -2.5)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.config.key_dim + self.config.value_dim
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> MemoryState:
+        c = self.config
+        memory = torch.zeros(batch_size, c.num_slots, c.num_heads, c.head_dim, c.head_v_dim, device=device)
+        conv = torch.zeros(batch_size, c.num_slots, c.conv_size - 1, self.conv_channels, device=device)
+        return MemoryState(memory=memory, conv=conv)
+
+    def _slot_weights(self, name: str) -> torch.Tensor:
+        """Stacked per-slot weights `[S, C, D]` of `k`, `v`, `b` or `a` (the E memories, then the shared one)."""
+        weights = [proj.weight for proj in getattr(self, f"{name}_proj")]
+        if self.config.shared_memory:
+            weights.append(getattr(self, f"shared_{name}").weight)
+        return torch.stack(weights)
+
+    def route(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor):
+        """Top-k routing. Returns router logits, slot membership `[B, T, S]` (bool) and mixing weights `[B, T, S]`."""
+        B, T, _ = x_BTD.shape
+        c = self.config
+        if c.num_memories > 1:
+            router_logits_BTE = self.gate(x_BTD)
+            probs_BTE = F.softmax(at_least_fp32(router_logits_BTE), dim=-1)
+            w_BTA, index_BTA = probs_BTE.topk(c.top_k, dim=-1)
+            w_BTA = (w_BTA / w_BTA.sum(-1, keepdim=True)).to(x_BTD.dtype)
+        else:
+            router_logits_BTE = None
+            w_BTA = x_BTD.new_ones(B, T, 1)
+            index_BTA = torch.zeros(B, T, 1, dtype=torch.long, device=x_BTD.device)
+        member_BTE = torch.zeros(B, T, c.num_memories, dtype=torch.bool, device=x_BTD.device)
+        member_BTE = member_BTE.scatter(-1, index_BTA, True) & valid_BT[..., None]
+        weight_BTE = x_BTD.new_zeros(B, T, c.num_memories).scatter(-1, index_BTA, w_BTA)
+        if c.shared_memory:
+            member_BTE = torch.cat([member_BTE, valid_BT[..., None]], dim=-1)
+            weight_BTE = torch.cat([weight_BTE, x_BTD.new_ones(B, T, 1)], dim=-1)
+        return router_logits_BTE, member_BTE, weight_BTE
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, state: MemoryState | None,
+                return_state: bool) -> MixerOutput:
+        c = self.config
+        B, T, _ = x_BTD.shape
+        S, H, K, V = c.num_slots, c.num_heads, c.head_dim, c.head_v_dim
+        HK, HV = c.key_dim, c.value_dim
+
+        # 1-2. Router, then each (sequence, slot) segment's tokens in time order.
+        router_logits_BTE, member_BTS, weight_BTS = self.route(x_BTD, valid_BT)
+        segments = group_tokens(member_BTS)
+
+        # 3-4. Projections (q once per token) and the short conv, over each segment or over the real timeline.
+        q_BTC = self.q_proj(x_BTD)
+        if c.conv_scope == "segment":
+            rows, lengths_BS = gather_segments(x_BTD, segments), segments.lengths_BS
+            q_BSLC = gather_segments(q_BTC, segments)
+        else:
+            timeline = group_tokens(valid_BT[..., None])
+            rows = gather_segments(x_BTD, timeline)[:, 0]  # [B, L, D], the real tokens in order
+            q_BSLC = gather_segments(q_BTC, timeline).expand(B, S, T, HK)
+            lengths_BS = timeline.lengths_BS.expand(B, S)
+        u_BSLC = torch.cat([q_BSLC, slot_linear(rows, self._slot_weights("k")),
+                            slot_linear(rows, self._slot_weights("v"))], dim=-1)
+        conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+        cache = state.conv.reshape(B * S, c.conv_size - 1, -1) if state is not None else \
+            u_BSLC.new_zeros(B * S, c.conv_size - 1, self.conv_channels)
+        u_NLC, new_conv = short_conv(u_BSLC.reshape(B * S, T, -1), conv_weight, cache, lengths_BS.reshape(-1))
+        if c.conv_scope == "time":
+            # Slot s's segment position p holds token source[b, s, p]; fetch its row of the timeline.
+            time_index_BT = timeline.position_BTS[..., 0].clamp(min=0)
+            time_index_N = time_index_BT.gather(1, segments.source_BSP.reshape(B, S * T)).reshape(B * S, T)
+            u_NLC = u_NLC.gather(1, time_index_N[..., None].expand_as(u_NLC))
+        q_NPC, k_NPC, v_NPC = u_NLC.split([HK, HK, HV], dim=-1)
+
+        # 5. Memory update per segment; positions past a segment's end are identity steps (k = beta = g = 0).
+        x_BSPD = rows if c.conv_scope == "segment" else gather_segments(x_BTD, segments)
+        valid_NP1 = segments.valid_BSP.reshape(B * S, T, 1)
+        q = q_NPC.reshape(B * S, T, H, K)
+        k = torch.where(valid_NP1, k_NPC, 0).reshape(B * S, T, H, K)
+        v = v_NPC.reshape(B * S, T, H, V)
+        beta = g = None
+        if c.has_beta:
+            beta = slot_linear(x_BSPD, self._slot_weights("b")).reshape(B * S, T, H).sigmoid()
+            beta = torch.where(valid_NP1, beta, 0)
+        if c.has_decay:
+            a = at_least_fp32(slot_linear(x_BSPD, self._slot_weights("a")).reshape(B * S, T, H))
+            g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
+            g = torch.where(valid_NP1, g, 0)
+        initial = state.memory.reshape(B * S, H, K, V) if state is not None else None
+        o_NPHV, final = memory_update(c.update_rule, q, k, v, beta, g, initial, return_state)
+
+        # 6-7. Mix the routed memories by their weights and add the shared memory (weight 1).
+        o_BTHV = mix(o_NPHV.reshape(B, S, T, HV), segments, weight_BTS).reshape(B, T, H, V)
+
+        # 8. Gated per-head RMSNorm and output projection.
+        o_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).reshape(B, T, H, V))
+        y_BTD = self.o_proj(o_BTHV.reshape(B, T, HV))
+
+        new_state = None
+        if return_state:
+            new_state = MemoryState(memory=at_least_fp32(final.reshape(B, S, H, K, V)),
+                                    conv=at_least_fp32(new_conv.reshape(B, S, c.conv_size - 1, -1)))
+        tokens_per_memory_E = member_BTS[..., :c.num_memories].sum((0, 1))
+        return MixerOutput(y_BTD, new_state, router_logits_BTE, tokens_per_memory_E)

@@ -1,0 +1,43 @@
+"""The memory update behind one function signature, whatever the update rule and implementation.
+
+The pure-PyTorch references come from `momctl.kernels.<family>.naive`: a loop over time (short inputs, decode)
+and a chunkwise-parallel form (long inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.gated.naive import chunk_gated_rule_ref, recurrent_gated_rule_ref
+from .kernels.gated_delta.naive import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+
+# Below this many positions the loop over time beats the chunked form on a CPU.
+CHUNK_MIN_LENGTH = 16
+
+
+def memory_update(
+    update_rule: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the memory recurrence of `update_rule` with in-kernel q/k L2 norm and scale K**-0.5.
+
+    Args:
+        update_rule: `gated_delta` | `delta` (use beta) | `gated` | `linear` (ignore beta).
+        q, k: `[N, T, H, K]`; v: `[N, T, H, V]`; beta, g: `[N, T, H]` (g is the log decay; ignored without decay).
+        initial_state: `[N, H, K, V]` or None for zeros.
+        output_final_state: also return the state after the last position.
+    """
+    chunked = q.shape[1] >= CHUNK_MIN_LENGTH
+    decay = g if update_rule in ("gated_delta", "gated") else None
+    kwargs = dict(initial_state=initial_state, output_final_state=output_final_state)
+    if update_rule in ("gated_delta", "delta"):
+        fn = chunk_gated_delta_rule_ref if chunked else recurrent_gated_delta_rule_ref
+        return fn(q, k, v, beta, decay, **kwargs)
+    fn = chunk_gated_rule_ref if chunked else recurrent_gated_rule_ref
+    return fn(q, k, v, decay, **kwargs)
