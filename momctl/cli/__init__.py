@@ -20,20 +20,14 @@ err_console = Console(stderr=True)
 
 
 def main() -> None:
-    """Entry point: user errors (MomctlError, ValueError) print one red line and exit 1; MOMCTL_DEBUG=1 re-raises."""
+    """Entry point: usage errors exit 2 (Typer); user errors (MomctlError, ValueError) print one red line and exit 1.
+
+    MOMCTL_DEBUG=1 shows the traceback instead.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except (MomctlError, ValueError) as err:
         if os.environ.get("MOMCTL_DEBUG") == "1":
             raise
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, markup=True)
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except Exception as err:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        raise
