@@ -1,40 +1,16 @@
 """Gated delta rule references: the loop against closed forms, the chunked form against the loop."""
 
-import zlib
 from itertools import pairwise
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import assert_close
 from momctl.kernels.gated_delta.naive import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 
 F64 = torch.float64
 RULES = ["gated_delta", "delta"]  # g given / g=None
 SHAPES = [(1, 24, 20), (3, 24, 20), (1, 16, 16), (3, 16, 16)]  # (H, K, V)
-
-
-def assert_close(actual, expected, rtol, floor=1e-8):
-    """Relative RMS error ||a - b|| / max(||b||, floor) <= rtol; NaN fails."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert not actual.isnan().any() and not expected.isnan().any(), "NaN"
-    a, b = actual.double(), expected.double()
-    err = ((a - b).norm() / max(b.norm().item(), floor)).item()
-    assert err <= rtol, f"relative RMS error {err:.3e} > {rtol:.1e}"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which is slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def gen(request):
-    """A generator seeded from the test id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def make_inputs(gen, B, T, H, K, V, rule, init=True, N=None, dtype=F64):
