@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 
 from ..errors import MomctlError
-from . import presets, smoke
+from . import data, generate, info, presets, smoke, train
 
 app = typer.Typer(name="momctl", help="Train, run, measure and ship Mixture-of-Memories language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("train")(train.train)
+app.command("generate")(generate.generate_command)
+app.command("info")(info.info)
+app.add_typer(data.app, name="data")
 app.command("presets")(presets.presets)
 app.command("smoke")(smoke.smoke)
 
@@ -24,6 +29,7 @@ def main() -> None:
 
     MOMCTL_DEBUG=1 shows the traceback instead.
     """
+    warnings.showwarning = _show_warning
     try:
         app()
     except (MomctlError, ValueError) as err:
@@ -31,3 +37,8 @@ def main() -> None:
             raise
         err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a setting with no effect, a skipped partial checkpoint) as one yellow line on stderr."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
