@@ -230,3 +230,27 @@ def test_nan_skip_finishes_the_run(tmp_path, corpus, nan_at_step_4):
     assert result.step == 6 and latest_checkpoint(tmp_path / "run").name == "step-00000006"
     assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "train_log.jsonl").read_text().splitlines())] == \
         [1, 2, 3, 5, 6]
+
+
+# -- other options ----------------------------------------------------------------------------------------------------
+
+def test_init_from_starts_a_fresh_run_from_those_weights(tmp_path, corpus):
+    run_in_process(tmp_path / "base", corpus, 4)
+    run, explicit = build_run_config("tiny", flags={"data.source": str(corpus), "data.seq_len": 32,
+                                                     "train.batch_size": 4, "train.steps": 2, "train.save_every": 2})
+    result = train(run, tmp_path / "tuned", explicit=explicit, init_from=str(tmp_path / "base"),
+                   reporter=lambda *_: None)
+    assert result.step == 2
+    fresh = run_in_process(tmp_path / "fresh", corpus, 2)
+    assert result.history[0]["loss"] < fresh.history[0]["loss"] - 0.3  # starts from the trained weights
+
+
+def test_max_tokens_sets_the_number_of_steps(tmp_path, corpus):
+    result = run_in_process(tmp_path / "run", corpus, 100, **{"train.max_tokens": 3 * 4 * 32})
+    assert result.step == 3
+
+
+def test_compile_trains_like_eager(tmp_path, corpus):
+    eager = run_in_process(tmp_path / "eager", corpus, 2)
+    compiled = run_in_process(tmp_path / "compiled", corpus, 2, **{"train.compile": True})
+    assert abs(compiled.history[0]["loss"] - eager.history[0]["loss"]) < 1e-4
