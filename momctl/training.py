@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .config import ModelConfig
 from .data import load_dataset
 from .errors import MomctlError
 from .fla_compat import config_to_fla
@@ -161,6 +162,24 @@ def _merge_saved_run(saved: dict[str, Any], run: RunConfig, explicit: set[str]) 
     return merged
 
 
+def _adopt_init_checkpoint(folder: Path, run: RunConfig, explicit: set[str]):
+    """--init-from: the model config and tokenizer of `folder`; explicit model settings must agree with them."""
+    saved = ckpt.read_config(folder)["momctl"]
+    model = saved["model"]
+    for key in sorted(k for k in explicit if k.startswith("model.")):
+        name = key.split(".", 1)[1]
+        if getattr(run.model, name) != getattr(ModelConfig.from_dict(model), name):
+            raise MomctlError(f"--init-from {folder} has model.{name}={model[name]!r}, but this run sets "
+                              f"{getattr(run.model, name)!r}; drop the setting to fine-tune that model")
+    tokenizer = load_saved_tokenizer(folder)
+    if "data.tokenizer" in explicit and run.data.tokenizer is not None:
+        if tokenizer_fingerprint(load_tokenizer(run.data.tokenizer)) != tokenizer_fingerprint(tokenizer):
+            raise MomctlError(f"--tokenizer {run.data.tokenizer} differs from the tokenizer of {folder}")
+    adopted = RunConfig(preset=run.preset, model=ModelConfig.from_dict(model), optim=run.optim, data=run.data,
+                        train=run.train)
+    return adopted, tokenizer
+
+
 def _model_vocab(run: RunConfig, explicit: set[str], tokenizer_vocab: int) -> RunConfig:
     if "model.vocab_size" in explicit:
         if run.model.vocab_size < tokenizer_vocab:
@@ -207,6 +226,9 @@ def train(run: RunConfig, out: Path, *, explicit: set[str] | None = None, resume
                 raise MomctlError(f"--tokenizer {run.data.tokenizer} differs from the tokenizer of {source}; "
                                   "resume with the run's own tokenizer")
         state = ckpt.load_training_state(source)
+    elif init_from is not None:
+        init_from = ckpt.resolve_checkpoint(init_from)
+        run, tokenizer = _adopt_init_checkpoint(init_from, run, explicit)
     else:
         tokenizer = load_tokenizer(run.data.tokenizer)
     if run.data.source.startswith("mqar"):
@@ -216,7 +238,7 @@ def train(run: RunConfig, out: Path, *, explicit: set[str] | None = None, resume
     else:
         vocab_needed = tokenizer.vocab_size
         dataset = None
-    if source is None:
+    if source is None and init_from is None:
         run = _model_vocab(run, explicit, vocab_needed)
     if dataset is None:
         # Rank 0 builds the corpus cache first; the others then read it.
@@ -242,12 +264,7 @@ def train(run: RunConfig, out: Path, *, explicit: set[str] | None = None, resume
     torch.manual_seed(loop.seed)
     model = MoMForCausalLM(run.model).to(device)
     if source is not None or init_from is not None:
-        weights_from = source if source is not None else ckpt.resolve_checkpoint(init_from)
-        saved_model = ckpt.read_config(weights_from)["momctl"]["model"]
-        if source is None and saved_model != run.model.to_dict():
-            raise MomctlError(f"--init-from {weights_from} has a different model config; use the same preset and "
-                              "settings as that run")
-        model.load_state_dict(ckpt.load_state_dict(weights_from, device))
+        model.load_state_dict(ckpt.load_state_dict(source if source is not None else init_from, device))
     optimizer = torch.optim.AdamW(parameter_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
                                   betas=(optim_cfg.beta1, optim_cfg.beta2), fused=False, foreach=False)
     start_step = 0

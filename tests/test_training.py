@@ -254,3 +254,18 @@ def test_compile_trains_like_eager(tmp_path, corpus):
     eager = run_in_process(tmp_path / "eager", corpus, 2)
     compiled = run_in_process(tmp_path / "compiled", corpus, 2, **{"train.compile": True})
     assert abs(compiled.history[0]["loss"] - eager.history[0]["loss"]) < 1e-4
+
+
+def test_init_from_takes_the_checkpoint_model_and_refuses_a_different_one(tmp_path, corpus):
+    from momctl.errors import MomctlError
+
+    run_in_process(tmp_path / "base", corpus, 2)
+    run, explicit = build_run_config("small", flags={"data.source": str(corpus), "data.seq_len": 32,
+                                                      "train.batch_size": 4, "train.steps": 2})
+    result = train(run, tmp_path / "tuned", explicit=explicit, init_from=str(tmp_path / "base"),
+                   reporter=lambda *_: None)
+    saved = json.loads((tmp_path / "tuned" / "run_config.json").read_text())
+    assert result.step == 2 and saved["model"]["d_model"] == 64  # tiny's width, not small's
+    run, explicit = build_run_config("tiny", overrides=[f"data.source={corpus}", "model.top_k=1"])
+    with pytest.raises(MomctlError, match="model.top_k=2"):
+        train(run, tmp_path / "refused", explicit=explicit, init_from=str(tmp_path / "base"))
