@@ -24,17 +24,6 @@ class SmokeReport:
     max_rel_error: float  # recurrent decode vs parallel forward, over every position
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MomctlError(f"--device {name} was requested but no CUDA GPU is visible; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise MomctlError(f"--device {name!r} is not a device torch knows ({err}); use cpu, cuda or cuda:N") from None
-
-
 @torch.no_grad()
 def run_smoke(config: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> SmokeReport:
     """Random weights and tokens; forward over `seq_len` tokens, then prefill 1 token and step through the rest."""

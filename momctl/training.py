@@ -26,11 +26,11 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .data import load_dataset
+from .devices import resolve_device
 from .errors import MomctlError
 from .fla_compat import config_to_fla
 from .model import MoMForCausalLM
 from .run_config import RunConfig, build_run_config
-from .smoke import resolve_device
 from .tokenizers import load_saved_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 RUN_CONFIG = "run_config.json"

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..devices import resolve_device
 from ..errors import MomctlError
 from ..generation import SamplingConfig, generate, load_for_inference
-from ..smoke import resolve_device
 
 err = Console(stderr=True, soft_wrap=True)
 

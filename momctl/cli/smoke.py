@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..devices import resolve_device
 from ..presets import get_preset
-from ..smoke import resolve_device, run_smoke
+from ..smoke import run_smoke
 from .options import Device, Json, Preset, Seed
 
 
