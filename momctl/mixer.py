@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import use_kernels
 from .config import ModelConfig
-from .modules import GatedRMSNorm, ShortConvWeight, at_least_fp32, short_conv
+from .modules import GatedRMSNorm, ShortConvWeight, at_least_fp32, short_conv, short_conv_varlen
+from .packing import gather_copies, grouped_linear, mix_copies, pack_tokens
 from .recurrence import memory_update
 from .routing import gather_segments, group_tokens
 from .routing import mix_segments as mix
@@ -98,26 +100,32 @@ class MoMMixer(nn.Module):
             weights.append(getattr(self, f"shared_{name}").weight)
         return torch.stack(weights)
 
-    def route(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor):
-        """Top-k routing. Returns router logits, slot membership `[B, T, S]` (bool) and mixing weights `[B, T, S]`."""
+    def route(self, x_BTD: torch.Tensor):
+        """Top-k routing. Returns router logits, each token's slots `[B, T, A]` (the top-k memories, then the shared
+        one) and their mixing weights `[B, T, A]` (renormalised top-k probabilities; 1 for the shared memory)."""
         B, T, _ = x_BTD.shape
         c = self.config
         if c.num_memories > 1:
             router_logits_BTE = self.gate(x_BTD)
             probs_BTE = F.softmax(at_least_fp32(router_logits_BTE), dim=-1)
-            w_BTA, index_BTA = probs_BTE.topk(c.top_k, dim=-1)
+            w_BTA, slots_BTA = probs_BTE.topk(c.top_k, dim=-1)
             w_BTA = (w_BTA / w_BTA.sum(-1, keepdim=True)).to(x_BTD.dtype)
         else:
             router_logits_BTE = None
             w_BTA = x_BTD.new_ones(B, T, 1)
-            index_BTA = torch.zeros(B, T, 1, dtype=torch.long, device=x_BTD.device)
-        member_BTE = torch.zeros(B, T, c.num_memories, dtype=torch.bool, device=x_BTD.device)
-        member_BTE = member_BTE.scatter(-1, index_BTA, True) & valid_BT[..., None]
-        weight_BTE = x_BTD.new_zeros(B, T, c.num_memories).scatter(-1, index_BTA, w_BTA)
+            slots_BTA = torch.zeros(B, T, 1, dtype=torch.long, device=x_BTD.device)
         if c.shared_memory:
-            member_BTE = torch.cat([member_BTE, valid_BT[..., None]], dim=-1)
-            weight_BTE = torch.cat([weight_BTE, x_BTD.new_ones(B, T, 1)], dim=-1)
-        return router_logits_BTE, member_BTE, weight_BTE
+            slots_BTA = torch.cat([slots_BTA, slots_BTA.new_full((B, T, 1), c.num_memories)], dim=-1)
+            w_BTA = torch.cat([w_BTA, x_BTD.new_ones(B, T, 1)], dim=-1)
+        return router_logits_BTE, slots_BTA, w_BTA
+
+    def _membership(self, slots_BTA: torch.Tensor, w_BTA: torch.Tensor, valid_BT: torch.Tensor):
+        """Slot membership `[B, T, S]` (bool, real tokens only) and mixing weights `[B, T, S]`."""
+        B, T, _ = slots_BTA.shape
+        S = self.config.num_slots
+        member_BTS = torch.zeros(B, T, S, dtype=torch.bool, device=slots_BTA.device).scatter(-1, slots_BTA, True)
+        weight_BTS = w_BTA.new_zeros(B, T, S).scatter(-1, slots_BTA, w_BTA)
+        return member_BTS & valid_BT[..., None], weight_BTS
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, state: MemoryState | None,
                 return_state: bool) -> MixerOutput:
@@ -127,7 +135,10 @@ class MoMMixer(nn.Module):
         HK, HV = c.key_dim, c.value_dim
 
         # 1-2. Router, then each (sequence, slot) segment's tokens in time order.
-        router_logits_BTE, member_BTS, weight_BTS = self.route(x_BTD, valid_BT)
+        router_logits_BTE, slots_BTA, w_BTA = self.route(x_BTD)
+        if use_kernels(x_BTD) and T > 1:
+            return self._forward_packed(x_BTD, valid_BT, state, return_state, router_logits_BTE, slots_BTA, w_BTA)
+        member_BTS, weight_BTS = self._membership(slots_BTA, w_BTA, valid_BT)
         segments = group_tokens(member_BTS)
 
         # 3-4. Projections (q once per token) and the short conv, over each segment or over the real timeline.
@@ -164,8 +175,7 @@ class MoMMixer(nn.Module):
             beta = slot_linear(x_BSPD, self._slot_weights("b")).reshape(B * S, T, H).sigmoid()
             beta = torch.where(valid_NP1, beta, 0)
         if c.has_decay:
-            a = at_least_fp32(slot_linear(x_BSPD, self._slot_weights("a")).reshape(B * S, T, H))
-            g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
+            g = self._log_decay(slot_linear(x_BSPD, self._slot_weights("a"))).reshape(B * S, T, H)
             g = torch.where(valid_NP1, g, 0)
         initial = state.memory.reshape(B * S, H, K, V) if state is not None else None
         o_NPHV, final = memory_update(c.update_rule, q, k, v, beta, g, initial, return_state)
@@ -173,13 +183,100 @@ class MoMMixer(nn.Module):
         # 6-7. Mix the routed memories by their weights and add the shared memory (weight 1).
         o_BTHV = mix(o_NPHV.reshape(B, S, T, HV), segments, weight_BTS).reshape(B, T, H, V)
 
-        # 8. Gated per-head RMSNorm and output projection.
-        o_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).reshape(B, T, H, V))
-        y_BTD = self.o_proj(o_BTHV.reshape(B, T, HV))
-
         new_state = None
         if return_state:
             new_state = MemoryState(memory=at_least_fp32(final.reshape(B, S, H, K, V)),
                                     conv=at_least_fp32(new_conv.reshape(B, S, c.conv_size - 1, -1)))
-        tokens_per_memory_E = member_BTS[..., :c.num_memories].sum((0, 1))
+        return self._output(x_BTD, o_BTHV, new_state, router_logits_BTE, member_BTS)
+
+    def _log_decay(self, a: torch.Tensor) -> torch.Tensor:
+        """g = -exp(A_log) * softplus(a + dt_bias), the log of the per-head decay, at least fp32."""
+        a = at_least_fp32(a)
+        return -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype))
+
+    def _output(self, x_BTD, o_BTHV, new_state, router_logits_BTE, member_BTS) -> MixerOutput:
+        """8. Gated per-head RMSNorm and output projection."""
+        B, T, H, V = o_BTHV.shape
+        o_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).reshape(B, T, H, V))
+        y_BTD = self.o_proj(o_BTHV.reshape(B, T, H * V))
+        tokens_per_memory_E = member_BTS[..., :self.config.num_memories].sum((0, 1))
         return MixerOutput(y_BTD, new_state, router_logits_BTE, tokens_per_memory_E)
+
+    def _forward_packed(self, x_BTD, valid_BT, state, return_state, router_logits_BTE, slots_BTA,
+                        w_BTA) -> MixerOutput:
+        """Steps 2-7 on packed copies (momctl/packing.py): one grouped GEMM for the per-memory projections, q once
+        per token, the varlen conv and recurrence kernels over all (sequence, slot) segments in one launch each."""
+        c = self.config
+        B, T, D = x_BTD.shape
+        S, H, K, V, W = c.num_slots, c.num_heads, c.head_dim, c.head_v_dim, c.conv_size
+        HK, HV = c.key_dim, c.value_dim
+        packing = pack_tokens(slots_BTA, w_BTA, valid_BT, S)
+        M = packing.num_copies
+        x_ND = x_BTD.reshape(B * T, D)
+        names = ["k", "v"] + ["b"] * c.has_beta + ["a"] * c.has_decay
+        widths = [HK, HV] + [H] * c.has_beta + [H] * c.has_decay
+        weight_SND = torch.cat([self._slot_weights(name) for name in names], dim=1)
+        conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+        cache_NWC = None
+        if state is not None:  # slot-major order (s, b)
+            cache_NWC = state.conv.to(x_BTD.dtype).transpose(0, 1).reshape(S * B, W - 1, self.conv_channels)
+        if c.conv_scope == "segment":
+            x_MD = gather_copies(x_ND, packing)
+            k_MC, v_MC, *gates = grouped_linear(x_MD, weight_SND, packing.slot_ends_S).split(widths, dim=-1)
+            q_MC = gather_copies(self.q_proj(x_ND), packing)
+            if cache_NWC is not None:  # the padding segment starts from zeros
+                cache_NWC = torch.cat([cache_NWC, cache_NWC.new_zeros(1, *cache_NWC.shape[1:])])
+            u_MC, new_conv = short_conv_varlen(torch.cat([q_MC, k_MC, v_MC], dim=-1), conv_weight,
+                                               packing.cu_seqlens, cache_NWC, return_state)
+        else:
+            u_MC, gates, new_conv = self._conv_over_time(x_ND, valid_BT, packing, weight_SND, widths, conv_weight,
+                                                         cache_NWC, return_state)
+        q, k, v = (t.reshape(1, M, H, -1) for t in u_MC.split([HK, HK, HV], dim=-1))
+        beta = gates[0].sigmoid().reshape(1, M, H) if c.has_beta else None
+        g = self._log_decay(gates[-1]).reshape(1, M, H) if c.has_decay else None
+        initial = None
+        if state is not None:  # slot-major, zeros for the padding segment
+            initial = state.memory.transpose(0, 1).reshape(S * B, H, K, V)
+            initial = torch.cat([initial, initial.new_zeros(1, H, K, V)])
+        o_MHV, final = memory_update(c.update_rule, q, k, v, beta, g, initial, return_state,
+                                     cu_seqlens=packing.cu_seqlens)
+        o_BTHV = mix_copies(o_MHV.reshape(M, HV), packing).reshape(B, T, H, V)
+        new_state = None
+        if return_state:
+            def batch_major(x):
+                return at_least_fp32(x[:S * B].reshape(S, B, *x.shape[1:]).transpose(0, 1))
+
+            new_state = MemoryState(memory=batch_major(final), conv=batch_major(new_conv))
+        return self._output(x_BTD, o_BTHV, new_state, router_logits_BTE, packing.member_BTS)
+
+    def _conv_over_time(self, x_ND, valid_BT, packing, weight_SND, widths, conv_weight, cache_NWC, return_state):
+        """conv_scope=time on packed copies: every slot's projections of every real token (each slot's conv sees
+        the whole timeline), one varlen conv over the (slot, sequence) timelines, then each copy's row.
+
+        Each timeline is the sequence's real tokens in order, then its padding as a separate segment (ignored)."""
+        c = self.config
+        B, T = valid_BT.shape
+        S, W, C = c.num_slots, c.conv_size, self.conv_channels
+        timeline = group_tokens(valid_BT[..., None])
+        rows_N = (timeline.source_BSP[:, 0] + torch.arange(B, device=x_ND.device)[:, None] * T).reshape(-1)
+        x_timeline_ND = x_ND[rows_N]
+        proj_NSC = (x_timeline_ND @ weight_SND.reshape(-1, weight_SND.shape[-1]).T.to(x_ND.dtype)).reshape(B * T, S, -1)
+        k_NSC, v_NSC, *gates = proj_NSC.split(widths, dim=-1)
+        q_NSC = self.q_proj(x_timeline_ND)[:, None].expand(-1, S, -1)
+        u_SBTC = torch.cat([q_NSC, k_NSC, v_NSC], dim=-1).reshape(B, T, S, C).permute(2, 0, 1, 3)
+        starts = torch.arange(S * B, device=x_ND.device) * T
+        ends = starts + timeline.lengths_BS[:, 0].repeat(S)
+        cu = torch.stack([starts, ends], 1).reshape(-1)
+        cu = torch.cat([cu, cu.new_full((1,), S * B * T)]).to(torch.int32)
+        if cache_NWC is not None:  # the padding segments start from zeros
+            cache_NWC = torch.stack([cache_NWC, torch.zeros_like(cache_NWC)], 1).reshape(2 * S * B, W - 1, C)
+        u_NC, new_conv = short_conv_varlen(u_SBTC.reshape(S * B * T, C), conv_weight, cu, cache_NWC, return_state)
+        # Copy m is token (b, t) of slot s, at timeline position p: row (s*B + b)*T + p of the conv output.
+        token_M, slot_M = packing.token_of_copy_M, packing.slot_of_copy_M
+        position_M = timeline.position_BTS[..., 0].reshape(-1).clamp(min=0)[token_M]
+        timeline_row_M = token_M - token_M % T + position_M  # b*T + p
+        u_MC = u_NC[(slot_M * B + token_M // T) * T + position_M]
+        gates = [gate_NSC.reshape(B * T * S, -1)[timeline_row_M * S + slot_M] for gate_NSC in gates]
+        if new_conv is not None:  # the real segments' caches, plus one for the padding segment of the packing
+            new_conv = torch.cat([new_conv[0::2], new_conv.new_zeros(1, W - 1, C)])
+        return u_MC, gates, new_conv

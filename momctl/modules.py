@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import use_kernels
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in float32, or float64 if it already is (reductions and gates run at this precision)."""
@@ -30,6 +32,10 @@ class GatedRMSNorm(RMSNorm):
     """RMSNorm(x) * weight * SiLU(gate): the MoM layer's per-head output norm (FLA `FusedRMSNormGated`)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if use_kernels(x):
+            from .kernels.norm.gated_rmsnorm import gated_rmsnorm
+
+            return gated_rmsnorm(x, gate, self.weight, self.eps)
         y = at_least_fp32(x)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype) * F.silu(gate.to(y.dtype))).to(x.dtype)
@@ -84,3 +90,14 @@ def short_conv(u_NLC: torch.Tensor, weight_CW: torch.Tensor, cache_NWC: torch.Te
     index_NW = lengths_N[:, None] + torch.arange(W - 1, device=u_NLC.device)
     new_cache = full_NXC.gather(1, index_NW[..., None].expand(N, W - 1, C))
     return F.silu(y_NLC), new_cache
+
+
+def short_conv_varlen(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor,
+                      cache_NWC: torch.Tensor | None, output_final_cache: bool):
+    """`short_conv` over segments packed along one axis (offsets `cu_seqlens [N+1]`): our Triton kernel when
+    `use_kernels` says so, the pure-PyTorch reference otherwise. Returns y `[M, C]` and the new cache (or None)."""
+    if use_kernels(u_MC):
+        from .kernels.conv.short_conv import short_conv_varlen as fn
+    else:
+        from .kernels.conv.naive import short_conv_varlen_ref as fn
+    return fn(u_MC, weight_CW, cu_seqlens, cache_NWC, output_final_cache)

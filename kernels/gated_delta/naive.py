@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 from functools import partial
+from itertools import pairwise
 
 import torch
 from torch import Tensor
 
-from .._ref_utils import apply_ref, check_chunk_size, chunk_decays, from_chunks, to_chunks
+from .._ref_utils import (
+    _check_shape,
+    _segments,
+    apply_ref,
+    check_chunk_size,
+    chunk_decays,
+    from_chunks,
+    to_chunks,
+)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor, scale: float):
@@ -149,3 +158,61 @@ def chunk_gated_delta_rule_ref(
         use_qk_l2norm=use_qk_l2norm,
         cu_seqlens=cu_seqlens,
     )
+
+
+def wy_repr_ref(
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g_cum: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The WY/UT factors of every chunk: the truth for `kernels/gated_delta/wy.py`, differentiable by autograd.
+
+    Inside a chunk of c positions, A_ij = beta_i exp(g_cum_i - g_cum_j) k_i.k_j for j < i (else 0) and
+    w = (I + A)^-1 diag(beta exp(g_cum)) K,  u = (I + A)^-1 diag(beta) V.  Chunks restart at every segment.
+
+    Args:
+        k: [B, T, H, K] keys (used as given: normalise them first).
+        v: [B, T, H, V] values.
+        beta: [B, T, H] write strengths.
+        g_cum: [B, T, H] log decays cumulated from each chunk's start (inclusive), or None for zeros.
+        cu_seqlens: [N + 1] integer offsets of N packed segments (B must be 1, empty segments allowed),
+            or None for B independent sequences.
+        chunk_size: C, the chunk length.
+
+    Returns:
+        w [B, T, H, K], u [B, T, H, V] and A_inv [B, T, H, C] in the compute dtype (float32, or float64 for
+        float64 inputs): A_inv[b, t, h, j] is entry (i, j) of its chunk's (I + A)^-1, i the position of t in
+        its chunk, and 0 for j at or past the chunk's length.
+    """
+    check_chunk_size(chunk_size)
+    _check_shape("k", k, (None, None, None, None), "[B, T, H, K]")
+    B, T, H, K = k.shape
+    _check_shape("v", v, (B, T, H, None), "[B, T, H, V]")
+    _check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    if g_cum is not None:
+        _check_shape("g_cum", g_cum, (B, T, H), "[B, T, H]")
+    offsets = _segments(cu_seqlens, B, T) or [0, T]
+    dtype = torch.promote_types(torch.promote_types(k.dtype, v.dtype), torch.float32)
+    k, v, beta = k.to(dtype), v.to(dtype), beta.to(dtype)
+    g_cum = beta.new_zeros(beta.shape) if g_cum is None else g_cum.to(dtype)
+    C = chunk_size
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
+    eye = torch.eye(C, dtype=dtype, device=k.device)
+
+    def run(lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+        kc, vc, bc, gc = (to_chunks(x[:, lo:hi], C) for x in (k, v, beta, g_cum))  # [B, H, NC, C, *]
+        # Mask j >= i before exp: g_cum_i - g_cum_j > 0 there and may overflow.
+        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+        A = bc[..., None] * decay * (kc @ kc.transpose(-1, -2))
+        A_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+        w = A_inv @ ((bc * gc.exp())[..., None] * kc)
+        u = A_inv @ (bc[..., None] * vc)
+        return tuple(from_chunks(x, hi - lo) for x in (w, u, A_inv))
+
+    pieces = [run(lo, hi) for lo, hi in pairwise(offsets) if hi > lo]
+    if not pieces:  # T == 0
+        return k.new_zeros(B, 0, H, K), v.new_zeros(B, 0, H, v.shape[-1]), k.new_zeros(B, 0, H, C)
+    return tuple(torch.cat(parts, 1) for parts in zip(*pieces, strict=True))

@@ -1,0 +1,367 @@
+"""The sequential pass over chunks: the state at every chunk start (forward) and its gradient (backward).
+
+Per segment and head, chunk by chunk, with G the chunk-local cumsum of the log decays, G_L its value at the chunk's
+last position and h the state at the chunk start (see kernels/common/README.md):
+  forward    v_new = u - W h (DELTA) or v (gated);   h' = e^{G_L} h + (K * e^{G_L - G})^T v_new
+  backward   dv    = dv_local + (K * e^{G_L - G}) dh';   dh = e^{G_L} dh' + scale (Q * e^{G})^T dO - [DELTA] W^T dv
+h[j] is the state at the start of global chunk j, dh[j] the gradient of the state at its end (dh' above).
+One program per (segment, head, V block) holds the fp32 state [K, BV] as up to four [BKS, BV] register blocks
+(K <= 4 * 64) and walks the segment's chunks; launched over all segments, empty ones pass h0 (dht) through.
+"""
+# Shapes: T packed time, H heads, K key dim, V value dim, N segments, NC chunks (layout.max_chunks), BT chunk
+# length, BKS key rows per state block, BV value columns per program.
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import autotune
+from .varlen import ChunkLayout
+
+# No program accumulates into memory: every config may be benchmarked on the real buffers.
+CONFIGS = [
+    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in [(32, 4, 2), (64, 4, 2), (32, 2, 3)]
+]
+MAX_K = 256
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop value blocks much wider than V (they only add masked lanes)."""
+    V = named_args["V"] if "V" in named_args else kwargs["V"]
+    keep = [c for c in configs if c.kwargs["BV"] <= max(32, triton.next_power_of_2(V))]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _state_tile(o_v, m_v, I: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
+    """Offsets and mask of state block I: rows [I * BKS, (I + 1) * BKS) and columns o_v of a row-major [K, V]."""
+    o_k = I * BKS + tl.arange(0, BKS)
+    return o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & m_v[None, :]
+
+
+@triton.jit
+def _rows(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: tl.constexpr):
+    """[BT, BKS] block I (columns I * BKS ...) of a [T, H, D] tensor at the positions o_t; p points at the head."""
+    o_d = I * BKS + tl.arange(0, BKS)
+    return tl.load(p + o_t[:, None] * (H * D) + o_d[None, :], mask=m_t[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _cols(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: tl.constexpr):
+    """[BKS, BT]: the transpose of `_rows`."""
+    o_d = I * BKS + tl.arange(0, BKS)
+    return tl.load(p + o_d[:, None] + o_t[None, :] * (H * D), mask=(o_d < D)[:, None] & m_t[None, :], other=0.0)
+
+
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H: tl.constexpr,
+                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr, NKS: tl.constexpr,
+                           BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
+                           STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr):
+    NV = tl.cdiv(V, BV)
+    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    k += i_h * K
+    v += i_h * V
+    if DELTA:
+        w += i_h * K
+    if STORE_V_NEW:
+        v_new += i_h * V
+    if USE_G:
+        g += i_h
+    o_s1, m_s1 = _state_tile(o_v, m_v, 0, K, V, BKS)
+    o_s2, m_s2 = _state_tile(o_v, m_v, 1, K, V, BKS)
+    o_s3, m_s3 = _state_tile(o_v, m_v, 2, K, V, BKS)
+    o_s4, m_s4 = _state_tile(o_v, m_v, 3, K, V, BKS)
+    if USE_H0:
+        h0 += i_nh.to(tl.int64) * K * V
+
+    # [BKS, BV] fp32 blocks of the state
+    if USE_H0:
+        b_h1 = tl.load(h0 + o_s1, mask=m_s1, other=0.0).to(tl.float32)
+    else:
+        b_h1 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 1:
+        if USE_H0:
+            b_h2 = tl.load(h0 + o_s2, mask=m_s2, other=0.0).to(tl.float32)
+        else:
+            b_h2 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 2:
+        if USE_H0:
+            b_h3 = tl.load(h0 + o_s3, mask=m_s3, other=0.0).to(tl.float32)
+        else:
+            b_h3 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 3:
+        if USE_H0:
+            b_h4 = tl.load(h0 + o_s4, mask=m_s4, other=0.0).to(tl.float32)
+        else:
+            b_h4 = tl.zeros([BKS, BV], dtype=tl.float32)
+
+    for i_c in range(NT):
+        t0 = bos + i_c * BT
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < eos
+        p_h = h + ((boc + i_c) * H + i_h) * K * V
+        tl.store(p_h + o_s1, b_h1.to(h.dtype.element_ty), mask=m_s1)
+        if NKS > 1:
+            tl.store(p_h + o_s2, b_h2.to(h.dtype.element_ty), mask=m_s2)
+        if NKS > 2:
+            tl.store(p_h + o_s3, b_h3.to(h.dtype.element_ty), mask=m_s3)
+        if NKS > 3:
+            tl.store(p_h + o_s4, b_h4.to(h.dtype.element_ty), mask=m_s4)
+
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        if DELTA:
+            # v_new = u - W h
+            b_v -= tl.dot(_rows(w, o_t, m_t, 0, H, K, BKS), b_h1.to(w.dtype.element_ty))
+            if NKS > 1:
+                b_v -= tl.dot(_rows(w, o_t, m_t, 1, H, K, BKS), b_h2.to(w.dtype.element_ty))
+            if NKS > 2:
+                b_v -= tl.dot(_rows(w, o_t, m_t, 2, H, K, BKS), b_h3.to(w.dtype.element_ty))
+            if NKS > 3:
+                b_v -= tl.dot(_rows(w, o_t, m_t, 3, H, K, BKS), b_h4.to(w.dtype.element_ty))
+            if STORE_V_NEW:
+                tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if USE_G:
+            b_g_last = tl.load(g + (tl.minimum(t0 + BT, eos) - 1) * H).to(tl.float32)
+            b_g = tl.load(g + o_t * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+            b_v = b_v * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
+            b_decay = tl.exp(b_g_last)
+            b_h1 *= b_decay
+            if NKS > 1:
+                b_h2 *= b_decay
+            if NKS > 2:
+                b_h3 *= b_decay
+            if NKS > 3:
+                b_h4 *= b_decay
+        b_v = b_v.to(k.dtype.element_ty)
+        # h += K^T v_new (v_new already carries e^{G_L - G})
+        b_h1 += tl.dot(_cols(k, o_t, m_t, 0, H, K, BKS), b_v)
+        if NKS > 1:
+            b_h2 += tl.dot(_cols(k, o_t, m_t, 1, H, K, BKS), b_v)
+        if NKS > 2:
+            b_h3 += tl.dot(_cols(k, o_t, m_t, 2, H, K, BKS), b_v)
+        if NKS > 3:
+            b_h4 += tl.dot(_cols(k, o_t, m_t, 3, H, K, BKS), b_v)
+
+    if STORE_HT:
+        p_ht = ht + i_nh.to(tl.int64) * K * V
+        tl.store(p_ht + o_s1, b_h1, mask=m_s1)
+        if NKS > 1:
+            tl.store(p_ht + o_s2, b_h2, mask=m_s2)
+        if NKS > 2:
+            tl.store(p_ht + o_s3, b_h3, mask=m_s3)
+        if NKS > 3:
+            tl.store(p_ht + o_s4, b_h4, mask=m_s4)
+
+
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
+                           NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
+                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+    NV = tl.cdiv(V, BV)
+    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    q += i_h * K
+    k += i_h * K
+    if DELTA:
+        w += i_h * K
+    if USE_G:
+        g += i_h
+    do += i_h * V
+    dv_local += i_h * V
+    dv += i_h * V
+    o_s1, m_s1 = _state_tile(o_v, m_v, 0, K, V, BKS)
+    o_s2, m_s2 = _state_tile(o_v, m_v, 1, K, V, BKS)
+    o_s3, m_s3 = _state_tile(o_v, m_v, 2, K, V, BKS)
+    o_s4, m_s4 = _state_tile(o_v, m_v, 3, K, V, BKS)
+    if USE_DHT:
+        dht += i_nh.to(tl.int64) * K * V
+
+    # [BKS, BV] fp32 blocks of the state gradient
+    if USE_DHT:
+        b_dh1 = tl.load(dht + o_s1, mask=m_s1, other=0.0).to(tl.float32)
+    else:
+        b_dh1 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 1:
+        if USE_DHT:
+            b_dh2 = tl.load(dht + o_s2, mask=m_s2, other=0.0).to(tl.float32)
+        else:
+            b_dh2 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 2:
+        if USE_DHT:
+            b_dh3 = tl.load(dht + o_s3, mask=m_s3, other=0.0).to(tl.float32)
+        else:
+            b_dh3 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NKS > 3:
+        if USE_DHT:
+            b_dh4 = tl.load(dht + o_s4, mask=m_s4, other=0.0).to(tl.float32)
+        else:
+            b_dh4 = tl.zeros([BKS, BV], dtype=tl.float32)
+
+    for i_r in range(NT):
+        i_c = NT - 1 - i_r
+        t0 = bos + i_c * BT
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < eos
+        p_dh = dh + ((boc + i_c) * H + i_h) * K * V
+        tl.store(p_dh + o_s1, b_dh1.to(dh.dtype.element_ty), mask=m_s1)
+        if NKS > 1:
+            tl.store(p_dh + o_s2, b_dh2.to(dh.dtype.element_ty), mask=m_s2)
+        if NKS > 2:
+            tl.store(p_dh + o_s3, b_dh3.to(dh.dtype.element_ty), mask=m_s3)
+        if NKS > 3:
+            tl.store(p_dh + o_s4, b_dh4.to(dh.dtype.element_ty), mask=m_s4)
+
+        # dv = dv_local + (K * e^{G_L - G}) dh'
+        b_dv = tl.dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty))  # [BT, BV]
+        if NKS > 1:
+            b_dv += tl.dot(_rows(k, o_t, m_t, 1, H, K, BKS), b_dh2.to(k.dtype.element_ty))
+        if NKS > 2:
+            b_dv += tl.dot(_rows(k, o_t, m_t, 2, H, K, BKS), b_dh3.to(k.dtype.element_ty))
+        if NKS > 3:
+            b_dv += tl.dot(_rows(k, o_t, m_t, 3, H, K, BKS), b_dh4.to(k.dtype.element_ty))
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        if USE_G:
+            b_g_last = tl.load(g + (tl.minimum(t0 + BT, eos) - 1) * H).to(tl.float32)
+            b_g = tl.load(g + o_t * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+            b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
+            b_do = b_do * (tl.exp(b_g) * scale)[:, None]
+            b_decay = tl.exp(b_g_last)
+            b_dh1 *= b_decay
+            if NKS > 1:
+                b_dh2 *= b_decay
+            if NKS > 2:
+                b_dh3 *= b_decay
+            if NKS > 3:
+                b_dh4 *= b_decay
+        else:
+            b_do = b_do * scale
+        b_dv += tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+        # dh = e^{G_L} dh' + (Q * e^{G} * scale)^T dO - [DELTA] W^T dv
+        b_do = b_do.to(q.dtype.element_ty)
+        b_dv = b_dv.to(q.dtype.element_ty)
+        b_dh1 += tl.dot(_cols(q, o_t, m_t, 0, H, K, BKS), b_do)
+        if DELTA:
+            b_dh1 -= tl.dot(_cols(w, o_t, m_t, 0, H, K, BKS), b_dv)
+        if NKS > 1:
+            b_dh2 += tl.dot(_cols(q, o_t, m_t, 1, H, K, BKS), b_do)
+            if DELTA:
+                b_dh2 -= tl.dot(_cols(w, o_t, m_t, 1, H, K, BKS), b_dv)
+        if NKS > 2:
+            b_dh3 += tl.dot(_cols(q, o_t, m_t, 2, H, K, BKS), b_do)
+            if DELTA:
+                b_dh3 -= tl.dot(_cols(w, o_t, m_t, 2, H, K, BKS), b_dv)
+        if NKS > 3:
+            b_dh4 += tl.dot(_cols(q, o_t, m_t, 3, H, K, BKS), b_do)
+            if DELTA:
+                b_dh4 -= tl.dot(_cols(w, o_t, m_t, 3, H, K, BKS), b_dv)
+
+    if STORE_DH0:
+        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
+        tl.store(p_dh0 + o_s1, b_dh1, mask=m_s1)
+        if NKS > 1:
+            tl.store(p_dh0 + o_s2, b_dh2, mask=m_s2)
+        if NKS > 2:
+            tl.store(p_dh0 + o_s3, b_dh3, mask=m_s3)
+        if NKS > 3:
+            tl.store(p_dh0 + o_s4, b_dh4, mask=m_s4)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output buffer comes from here (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _state_block(K: int) -> int:
+    """Key rows per state block: 64, or K rounded up to a power of two (>= 16) when smaller."""
+    assert K <= MAX_K, f"K = {K} > {MAX_K}"
+    return min(64, max(16, triton.next_power_of_2(K)))
+
+
+def _grid(N: int, H: int, V: int):
+    return lambda meta: (triton.cdiv(V, meta["BV"]) * N * H,)
+
+
+def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
+                    h0: torch.Tensor | None, layout: ChunkLayout, *, output_final_state: bool,
+                    store_v_new: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """States at every chunk start, the corrected values (delta family) and the final states.
+
+    Args:
+        k: `[1, T, H, K]` (normalised) keys.
+        v: `[1, T, H, V]` values v (gated family, w None) or u (delta family).
+        w: `[1, T, H, K]` the WY keys of the delta family, or None for the gated family.
+        g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None (no decay).
+        h0: `[N, H, K, V]` fp32 initial states, or None for zeros.
+        layout: the varlen chunk layout.
+        output_final_state: also return the fp32 final states `[N, H, K, V]`.
+        store_v_new: (delta family) also return v_new = u - W h `[1, T, H, V]` in v.dtype.
+
+    Returns:
+        h `[NC, H, K, V]` in k.dtype (row j: the state at the start of global chunk j), v_new or None, ht or None.
+    """
+    _, T, H, K = k.shape
+    V, N = v.shape[-1], layout.num_segments
+    h = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
+    v_new = _empty(v.shape, v.dtype, v.device) if w is not None and store_v_new else None
+    ht = _empty((N, H, K, V), torch.float32, k.device) if output_final_state else None
+    BKS = _state_block(K)
+    chunk_state_fwd_kernel[_grid(N, H, V)](
+        k, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V,
+        BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
+        USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_V_NEW=v_new is not None)
+    return h, v_new, ht
+
+
+def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
+                    do: torch.Tensor, dv_local: torch.Tensor, dht: torch.Tensor | None, layout: ChunkLayout,
+                    scale: float, *, output_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of the states at every chunk end, of v_new, and of the initial states.
+
+    Args:
+        q, k: `[1, T, H, K]` (normalised) queries and keys; w: `[1, T, H, K]` (delta family) or None.
+        g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None.
+        do: `[1, T, H, V]` output gradient; dv_local: `[1, T, H, V]` its part of the v_new gradient from inside
+            the chunks (`chunk_output_bwd_dv`).
+        dht: `[N, H, K, V]` gradient of the final states, or None.
+        output_dh0: also return the fp32 gradient of the initial states `[N, H, K, V]`.
+
+    Returns:
+        dh `[NC, H, K, V]` in k.dtype (row j: the gradient of the state at the end of global chunk j),
+        dv `[1, T, H, V]` (the whole gradient of v_new, in dv_local.dtype) and dh0 or None.
+    """
+    _, T, H, K = k.shape
+    V, N = do.shape[-1], layout.num_segments
+    dh = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
+    dv = _empty(dv_local.shape, dv_local.dtype, dv_local.device)
+    dh0 = _empty((N, H, K, V), torch.float32, k.device) if output_dh0 else None
+    BKS = _state_block(K)
+    chunk_state_bwd_kernel[_grid(N, H, V)](
+        q, k, w, g_cum, do, dv_local, dv, dh, dht, dh0, layout.cu_seqlens, layout.chunk_offsets, scale, H=H, K=K,
+        V=V, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
+        USE_DHT=dht is not None, STORE_DH0=output_dh0)
+    return dh, dv, dh0

@@ -1,0 +1,131 @@
+"""Routed token copies packed slot-major along one axis: the layout of the kernel path, with static sizes, no sync.
+
+Legend: B batch, T time, A copies per token (top-k routed + the shared memory), S slots, M = B*T*A copies.
+
+Every token has exactly A copies, so M is static. Copies are sorted by (slot, sequence, time) with a counting
+sort (cumulative sums, one scatter), so each (slot, sequence) pair is one contiguous segment in time order and each
+slot's rows are contiguous (one group of a grouped GEMM). Segment `s*B + b` holds sequence b's tokens routed to
+slot s; a last segment collects the copies of padding tokens, which take no part (mixing weight 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Packing:
+    token_of_copy_M: torch.Tensor  # int64: the flat token index (b*T + t) of each packed copy
+    rank_of_copy_M: torch.Tensor  # int64: the copy's index in the token-major flattening of copy_of_token_NA
+    slot_of_copy_M: torch.Tensor  # int64: the slot of each packed copy
+    copy_of_token_NA: torch.Tensor  # int64 [B*T, A]: where each token's copies sit
+    weight_NA: torch.Tensor  # mixing weight of each copy (0 for padding tokens)
+    cu_seqlens: torch.Tensor  # int32 [S*B + 2]: segment offsets, the padding segment last
+    slot_ends_S: torch.Tensor  # int32 [S]: end row of each slot's group (the last slot's group takes the padding)
+    member_BTS: torch.Tensor  # bool: token t of sequence b is routed to slot s (real tokens only)
+
+    @property
+    def num_copies(self) -> int:
+        return self.token_of_copy_M.shape[0]
+
+
+def pack_tokens(slots_BTA: torch.Tensor, weight_BTA: torch.Tensor, valid_BT: torch.Tensor, num_slots: int) -> Packing:
+    """Pack the copies of every token: token (b, t)'s copy a goes to slot `slots_BTA[b, t, a]` with that weight.
+
+    The slots of one token must be distinct.
+    """
+    B, T, A = slots_BTA.shape
+    S, device = num_slots, slots_BTA.device
+    member_BTS = torch.zeros(B, T, S, dtype=torch.bool, device=device).scatter(-1, slots_BTA, True)
+    member_BTS = member_BTS & valid_BT[..., None]
+    position_BTS = member_BTS.long().cumsum(1) - 1
+    counts_SB = member_BTS.sum(1).T
+    zero, total = counts_SB.new_zeros(1), counts_SB.new_full((1,), B * T * A)  # filled on the device: no copy
+    cu = torch.cat([zero, counts_SB.reshape(-1).cumsum(0), total])
+    segment_BTA = slots_BTA * B + torch.arange(B, device=device)[:, None, None]
+    dest_real = cu[segment_BTA] + position_BTS.gather(-1, slots_BTA)
+    # Padding tokens' copies fill the last segment, in token order.
+    pad_rank_BT = (~valid_BT).reshape(-1).long().cumsum(0).reshape(B, T) - 1
+    dest_pad = cu[S * B] + pad_rank_BT[..., None] * A + torch.arange(A, device=device)
+    dest_BTA = torch.where(valid_BT[..., None], dest_real, dest_pad)
+    rank_of_copy = torch.empty(B * T * A, dtype=torch.long, device=device).scatter_(
+        0, dest_BTA.reshape(-1), torch.arange(B * T * A, device=device))
+    token_of_copy = rank_of_copy // A
+    slot_of_copy = torch.empty_like(token_of_copy).scatter_(0, dest_BTA.reshape(-1), slots_BTA.reshape(-1))
+    slot_ends = torch.cat([cu[torch.arange(1, S, device=device) * B], total])
+    weight_NA = torch.where(valid_BT[..., None], weight_BTA, 0).reshape(B * T, A)
+    return Packing(token_of_copy, rank_of_copy, slot_of_copy, dest_BTA.reshape(B * T, A), weight_NA, cu.to(torch.int32),
+                   slot_ends.to(torch.int32), member_BTS)
+
+
+class _GatherCopies(torch.autograd.Function):
+    """Copy rows `x[token_of_copy]`; backward sums each token's A copies through the inverse map (a gather, no
+    atomics or sorting: every token has exactly A copies)."""
+
+    @staticmethod
+    def forward(ctx, x_NC, token_of_copy_M, copy_of_token_NA):
+        ctx.save_for_backward(copy_of_token_NA)
+        return x_NC.index_select(0, token_of_copy_M)
+
+    @staticmethod
+    def backward(ctx, d_MC):
+        (copy_of_token_NA,) = ctx.saved_tensors
+        N, A = copy_of_token_NA.shape
+        return d_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1).sum(1), None, None
+
+
+class _MixCopies(torch.autograd.Function):
+    """o_token = sum over the token's copies of weight * copy output; backward gathers too (see `_GatherCopies`)."""
+
+    @staticmethod
+    def forward(ctx, y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M):
+        ctx.save_for_backward(y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M)
+        N, A = copy_of_token_NA.shape
+        y_NAC = y_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1)
+        return (y_NAC * weight_NA[..., None].to(y_MC.dtype)).sum(1)
+
+    @staticmethod
+    def backward(ctx, d_NC):
+        y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M = ctx.saved_tensors
+        N, A = copy_of_token_NA.shape
+        d_y = d_w = None
+        if ctx.needs_input_grad[0]:
+            w_M = weight_NA.reshape(-1).index_select(0, rank_of_copy_M)
+            d_y = d_NC.index_select(0, rank_of_copy_M // A) * w_M[:, None].to(d_NC.dtype)
+        if ctx.needs_input_grad[1]:
+            y_NAC = y_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1)
+            dtype = torch.promote_types(y_MC.dtype, torch.float32)
+            d_w = (y_NAC.to(dtype) * d_NC[:, None].to(dtype)).sum(-1).to(weight_NA.dtype)
+        return d_y, d_w, None, None
+
+
+def gather_copies(x_NC: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Token rows `[B*T, C]` -> copy rows `[M, C]`."""
+    return _GatherCopies.apply(x_NC, packing.token_of_copy_M, packing.copy_of_token_NA)
+
+
+def mix_copies(y_MC: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """o_token = sum over the token's copies of weight * copy output. Returns `[B*T, C]`."""
+    return _MixCopies.apply(y_MC, packing.weight_NA, packing.copy_of_token_NA, packing.rank_of_copy_M)
+
+
+def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor) -> torch.Tensor:
+    """Rows `slot_ends[s-1] : slot_ends[s]` of x times slot s's weight `[N, D]`. Returns `[M, N]`.
+
+    CUDA: one grouped GEMM (`torch._grouped_mm`, bf16) over the sorted rows, no padding. Elsewhere: every slot's
+    product on every row, then each row keeps its own slot's (S times the work; small CPU runs only).
+    """
+    N = weight_SND.shape[1]
+    if N % 8:  # the grouped GEMM needs 16-byte aligned strides: pad N with zero weights, drop those columns
+        S, _, D = weight_SND.shape
+        padded_SND = torch.cat([weight_SND, weight_SND.new_zeros(S, 8 - N % 8, D)], dim=1)
+        return grouped_linear(x_MD, padded_SND, slot_ends_S)[:, :N]
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x_MD.dtype
+    if x_MD.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x_MD.to(dtype), weight_SND.to(dtype).transpose(1, 2), offs=slot_ends_S)
+    rows = torch.arange(x_MD.shape[0], device=x_MD.device)
+    slot_M = torch.searchsorted(slot_ends_S.long(), rows, right=True).clamp(max=weight_SND.shape[0] - 1)
+    y_MSN = torch.einsum("md,snd->msn", x_MD, weight_SND.to(x_MD.dtype))
+    return y_MSN.gather(1, slot_M[:, None, None].expand(-1, 1, y_MSN.shape[-1]))[:, 0]

@@ -1,0 +1,176 @@
+"""The Triton chunk kernels of gated (and plain) linear attention against the fp64 loop reference: output, final
+state and every gradient, under TRITON_INTERPRET=1 on the CPU (compiled kernels when CUDA is there)."""
+
+import os
+
+import torch
+
+# Without CUDA the kernels run in the interpreter: set before any kernel module is imported (triton.jit reads it
+# when it decorates). With CUDA the same tests run the compiled kernels (TF32 dots: a looser tolerance).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from kernel_checks import assert_close  # noqa: E402
+from momctl.kernels.common import launch  # noqa: E402
+
+if not launch.INTERPRETED and DEVICE == "cpu":  # imported earlier without the interpreter
+    importlib.reload(launch)
+
+from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm  # noqa: E402
+from momctl.kernels.gated import chunk_gated_rule  # noqa: E402
+from momctl.kernels.gated.naive import recurrent_gated_rule_ref  # noqa: E402
+
+F64 = torch.float64
+RTOL = 1e-4 if DEVICE == "cpu" else 5e-3
+RULES = ["gated", "linear"]  # g given / g=None
+CASES = {  # name: (B, T, H, K, V, init, use_qk_l2norm, dtype)
+    "T1": (2, 1, 2, 16, 32, True, True, torch.float32),
+    "T17": (1, 17, 1, 32, 16, False, True, torch.float32),
+    "T64_no_l2norm": (2, 64, 2, 16, 16, True, False, torch.float32),
+    "T65_f64_inputs": (1, 65, 1, 32, 32, True, True, F64),
+    "T130": (1, 130, 2, 16, 16, False, True, torch.float32),
+    "T40_K24_V20": (1, 40, 1, 24, 20, True, True, torch.float32),  # dims that are not powers of two
+}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fresh kernel outputs start as NaN, so an element no kernel writes fails the comparison."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    for module in (chunk_output, chunk_state, cumsum, l2norm):
+        monkeypatch.setattr(module, "_empty", nan_empty)
+
+
+def make_inputs(gen, B, T, H, K, V, rule, init=True, N=None, dtype=torch.float32, g_value=None):
+    """Leaves q, k, v, g (None for linear attention), initial_state (None unless init), requiring grad."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64).to(dtype)
+
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    g = F.logsigmoid(randn(B, T, H)) if rule == "gated" else None
+    if g is not None and g_value is not None:
+        g = torch.full_like(g, g_value)
+    h0 = randn(B if N is None else N, H, K, V) if init else None
+    return [None if x is None else x.to(DEVICE).requires_grad_() for x in (q, k, v, g, h0)]
+
+
+def run_and_grads(fn, inputs, grad_o, grad_s, **kw):
+    """o, final state and the gradients of <o, grad_o> + <s, grad_s> w.r.t. every given input."""
+    q, k, v, g, h0 = inputs
+    o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
+    leaves = [x for x in inputs if x is not None]
+    return o, s, torch.autograd.grad((o * grad_o).sum() + (s * grad_s).sum(), leaves)
+
+
+def check_against_reference(gen, inputs, N, floors=None, **kw):
+    """Kernel vs the fp64 loop reference on the same (fp64 copies of the) inputs: o, state, every gradient.
+
+    floors: an absolute floor of the metric per input index (default 1e-8).
+    """
+    q, v = inputs[0], inputs[2]
+    grad_o = torch.randn(v.shape, generator=gen, dtype=F64).to(DEVICE)
+    grad_s = torch.randn(N, q.shape[2], q.shape[3], v.shape[3], generator=gen, dtype=F64).to(DEVICE)
+    o, s, grads = run_and_grads(chunk_gated_rule, inputs, grad_o.to(v.dtype), grad_s.float(), **kw)
+    exact = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    o_ref, s_ref, grads_ref = run_and_grads(recurrent_gated_rule_ref, exact, grad_o, grad_s, **kw)
+    assert o.dtype == v.dtype and s.dtype == torch.float32 and s.shape == s_ref.shape
+    assert_close(o, o_ref, RTOL)
+    assert_close(s, s_ref, RTOL)
+    given = [i for i, x in enumerate(inputs) if x is not None]
+    for i, grad, grad_ref in zip(given, grads, grads_ref, strict=True):
+        assert grad.dtype == inputs[i].dtype
+        assert_close(grad, grad_ref, RTOL, (floors or {}).get(i, 1e-8))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_reference(gen, rule, case):
+    B, T, H, K, V, init, use_qk_l2norm, dtype = CASES[case]
+    inputs = make_inputs(gen, B, T, H, K, V, rule, init, dtype=dtype)
+    check_against_reference(gen, inputs, B, use_qk_l2norm=use_qk_l2norm)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_varlen_with_empty_and_short_segments(gen, rule):
+    lengths = [0, 5, 1, 0, 70, 3, 64, 0]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    inputs = make_inputs(gen, 1, sum(lengths), 2, 16, 16, rule, N=len(lengths))
+    check_against_reference(gen, inputs, len(lengths), cu_seqlens=cu, scale=0.7)
+
+
+def test_strong_decay_is_finite(gen):
+    """g = -50 per step: every cross-position term vanishes. The true dg is ~1e-22; ours is fp32 round-off of the
+    O(1) terms of q.dq - k.dk that cancel exactly, so dg is compared with an absolute floor."""
+    inputs = make_inputs(gen, 1, 70, 1, 16, 16, "gated", g_value=-50.0)
+    check_against_reference(gen, inputs, 1, floors={3: 1.0})
+
+
+def test_empty_sequence_passes_the_state_through(gen):
+    q, k, v, g, h0 = make_inputs(gen, 2, 0, 2, 16, 16, "gated")
+    o, s = chunk_gated_rule(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.shape == v.shape and torch.equal(s, h0)
+    grad_s = torch.randn(s.shape, generator=gen).to(DEVICE)
+    assert torch.equal(torch.autograd.grad((s * grad_s).sum(), h0)[0], grad_s)
+
+
+def test_final_state_only_on_request(gen):
+    q, k, v, g, _ = make_inputs(gen, 1, 5, 1, 16, 16, "gated", init=False)
+    o, s = chunk_gated_rule(q, k, v, g)
+    assert o.shape == v.shape and s is None
+
+
+def test_torch_compile_fullgraph_matches_eager(gen):
+    inputs = make_inputs(gen, 1, 20, 1, 16, 16, "gated", N=2)
+    cu = torch.tensor([0, 7, 20], device=DEVICE)
+
+    def loss(q, k, v, g, h0):
+        o, s = chunk_gated_rule(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return (o * o).sum() + s.sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(loss(*inputs), inputs)
+    actual = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.equal(a, e)
+
+
+SMALL = {"B": 2, "T": 6, "H": 3, "K": 8, "V": 4}
+BAD = {  # name: (inputs to replace, expected message)
+    "q_3d": ({"q": (2, 6, 3)}, r"q has shape \(2, 6, 3\), expected \[B, T, H, K\]"),
+    "k_dim": ({"k": (2, 6, 3, 9)}, r"k has shape \(2, 6, 3, 9\), expected \[B, T, H, K\] = \(2, 6, 3, 8\)"),
+    "v_time": ({"v": (2, 7, 3, 4)}, r"v has shape \(2, 7, 3, 4\), expected \[B, T, H, V\] = \(2, 6, 3, \*\)"),
+    "g_shape": ({"g": (2, 6, 3, 1)}, r"g has shape \(2, 6, 3, 1\), expected \[B, T, H\] = \(2, 6, 3\)"),
+    "state_n": ({"initial_state": (3, 3, 8, 4)}, r"initial_state has shape \(3, 3, 8, 4\), .* = \(2, 3, 8, 4\)"),
+    "varlen_batch": ({"cu_seqlens": torch.tensor([0, 6])}, r"cu_seqlens.*B = 2, expected \[1, T, H, K\]"),
+    "int_v": ({"v": torch.zeros(2, 6, 3, 4, dtype=torch.int64)}, r"v must be a floating-point tensor"),
+    "k_too_large": ({"q": (2, 6, 3, 260), "k": (2, 6, 3, 260)}, r"K = 260, the chunk kernels take K <= 256"),
+}
+
+
+def small_inputs(B, T, H, K, V, **change):
+    """Valid zero inputs (as keyword arguments), with some replaced: a shape tuple means zeros of that shape."""
+    kw = {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, H, V), "g": (B, T, H), **change}
+    return {name: torch.zeros(x) if isinstance(x, tuple) else x for name, x in kw.items()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_raise(case):
+    change, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        chunk_gated_rule(**small_inputs(**SMALL, **change))
+
+
+@pytest.mark.parametrize("cu,message", [(torch.tensor([0, 2, 5]), r"from 0 to T = 6, got \[0, 2, 5\]"),
+                                        (torch.tensor([0.0, 6.0]), r"integer tensor")])
+def test_bad_cu_seqlens_raise(cu, message):
+    with pytest.raises(ValueError, match=message):
+        chunk_gated_rule(**small_inputs(**{**SMALL, "B": 1}, cu_seqlens=cu))
