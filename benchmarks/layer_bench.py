@@ -123,6 +123,9 @@ def time_breakdown(step) -> dict:
         step()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0.0))
+    for event in events[:12]:
+        print(f"    {getattr(event, 'device_time_total', 0.0) / 1e3:7.3f} ms  {event.key[:100]}")
     for event in prof.key_averages():
         us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
         if us <= 0:
@@ -233,6 +236,9 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError:
                 rows[seq_len] = "OOM"
             torch.cuda.empty_cache()
+            if args.json:  # after every cell, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
             r = rows[seq_len]
             if r == "OOM":
                 print(f"{name:8s} T={seq_len:6d} OOM")
@@ -243,9 +249,6 @@ def main() -> None:
                   f"{r['train'].get('time_fractions', '')}", flush=True)
         del layer, run, params
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def pack_tokens(slots_BTA: torch.Tensor, weight_BTA: torch.Tensor, valid_BT: tor
     S, device = num_slots, slots_BTA.device
     member_BTS = torch.zeros(B, T, S, dtype=torch.bool, device=device).scatter(-1, slots_BTA, True)
     member_BTS = member_BTS & valid_BT[..., None]
-    position_BTS = member_BTS.long().cumsum(1) - 1
+    # Scan along the innermost dim: a CUDA scan over dim 1 of [B, T, S] with few columns runs nearly serially.
+    position_BTS = (member_BTS.transpose(1, 2).long().cumsum(-1) - 1).transpose(1, 2)
     counts_SB = member_BTS.sum(1).T
     zero, total = counts_SB.new_zeros(1), counts_SB.new_full((1,), B * T * A)  # filled on the device: no copy
     cu = torch.cat([zero, counts_SB.reshape(-1).cumsum(0), total])

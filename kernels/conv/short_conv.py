@@ -9,10 +9,8 @@ from torch import Tensor
 from ..common.launch import INTERPRETED, autotune
 
 MAX_WIDTH = 8
-# The backward program reduces dweight over this many rows, so the partial sums are [cdiv(T, 256), W, C] fp32.
+# The backward reduces dweight over this many rows per program, so the partial sums are [cdiv(T, 256), W, C] fp32.
 BWD_ROWS = 256
-# Up to this width the backward unrolls its W*W shifted loads; wider filters loop (bounded registers).
-UNROLL_MAX_WIDTH = 4
 # Block of channels of the small per-segment cache kernels (a few rows each).
 CACHE_BC = 128
 
@@ -20,19 +18,20 @@ FWD_CONFIGS = [
     triton.Config({"BT": bt, "BC": bc}, num_warps=nw)
     for bt, bc, nw in [(32, 64, 4), (32, 128, 4), (16, 128, 4), (32, 128, 8), (64, 128, 8), (32, 256, 8), (16, 256, 4)]
 ]
-# The backward holds about W*W+W shifted tiles in flight: at most 16 elements per thread (most at 8-16) keeps
-# W=4 within the registers.
-BWD_CONFIGS = [
-    triton.Config({"BT": bt, "BC": bc}, num_warps=nw)
-    for bt, bc, nw in [(32, 64, 4), (16, 128, 4), (32, 128, 8), (16, 256, 8), (64, 64, 8), (8, 256, 4), (16, 64, 4),
-                       (8, 128, 4)]
+# Both backward kernels spread only channels over the threads (BC = 8 * 32 * num_warps: one 16-byte vector each),
+# so the shifted rows [BW, (BT,) BC] and every sum over W and T stay inside a thread: no shared memory in the loops.
+# At W = 4 the gradient kernel takes ~168 registers and dx 80-128 (BT 2-4), no spills (Triton 3.6, sm_90).
+BWD_GRAD_CONFIGS = [triton.Config({"BC": 256 * nw}, num_warps=nw) for nw in [2, 1, 4]]
+BWD_DX_CONFIGS = [
+    triton.Config({"BT": bt, "BC": 256 * nw}, num_warps=nw)
+    for bt, nw in [(4, 2), (2, 2), (4, 1), (2, 1), (2, 4), (4, 4)]
 ]
 
 
 @triton.jit
 def _segment_of(cu_seqlens, o_t, N, n_steps):
-    """Segment of every row of o_t: the last n with cu_seqlens[n] <= t (skips empty segments), by bisection."""
-    lo = tl.zeros_like(o_t).to(tl.int32)
+    """Segment of every row of o_t (or of one row): the last n with cu_seqlens[n] <= t (skips empty segments)."""
+    lo = (o_t * 0).to(tl.int32)
     hi = lo + N
     # cu[lo] <= t < cu[hi] holds throughout; ceil(log2(N)) halvings leave hi = lo + 1.
     for _ in range(n_steps):
@@ -45,25 +44,31 @@ def _segment_of(cu_seqlens, o_t, N, n_steps):
 
 @triton.jit
 def _input(x, cache, bos, i_n, m, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """u_m of segment i_n for rows [BR] of relative index m: x[bos + m] for m >= 0, cache[i_n, W-1+m] for m < 0."""
-    p_u = x + (bos + m)[:, None] * C + o_c[None, :]
+    """u_m of segment i_n at relative rows m: x[bos + m] for m >= 0, cache[i_n, W-1+m] for m < 0.
+
+    bos, i_n, m and the row mask m_r are [BR, 1] (or [BW, BR, 1]) and broadcast against the channels o_c, m_c [1, BC].
+    """
+    p_u = x + (bos + m) * C + o_c
     m_u = m_r & (m >= 0)
     if HAS_CACHE:
         # one load from either source: rows before the segment start read the cache
-        p_h = cache + (i_n * (W - 1) + W - 1 + m)[:, None] * C + o_c[None, :]
-        p_u = tl.where((m >= 0)[:, None], p_u, p_h.to(p_u.dtype))
+        p_h = cache + (i_n * (W - 1) + W - 1 + m) * C + o_c
+        p_u = tl.where(m >= 0, p_u, p_h.to(p_u.dtype))
         m_u = m_r
-    return tl.load(p_u, mask=m_u[:, None] & m_c[None, :], other=0).to(tl.float32)  # [BR, BC]
+    return tl.load(p_u, mask=m_u & m_c, other=0).to(tl.float32)  # [BR, BC] (or [BW, BR, BC])
 
 
 @triton.jit
 def _preact(x, weight, cache, bos, i_n, r, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr,
             HAS_CACHE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Conv output before the SiLU at relative rows r [BR]: a_r = sum_j w_j u_{r-W+1+j}; 0 where m_r is false."""
+    """Conv output before the SiLU at relative rows r: a_r = sum_j w_j u_{r-W+1+j}; 0 where m_r is false.
+
+    bos, i_n (or scalars), r and m_r are [BR, 1]; o_c and m_c are [1, BC].
+    """
     b_a = tl.zeros([BR, BC], dtype=tl.float32)
     for j in tl.static_range(W):
-        b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)
-        b_a += _input(x, cache, bos, i_n, r - (W - 1) + j, m_r, o_c, m_c, C, W, HAS_CACHE) * b_w[None, :]
+        b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)  # [1, BC]
+        b_a += _input(x, cache, bos, i_n, r - (W - 1) + j, m_r, o_c, m_c, C, W, HAS_CACHE) * b_w
     return b_a  # [BR, BC]
 
 
@@ -85,7 +90,8 @@ def short_conv_fwd_kernel_out(x, weight, cu_seqlens, cache, y, T, N, n_steps, C:
     m_t, m_c = o_t < T, o_c < C
     i_n = _segment_of(cu_seqlens, o_t, N, n_steps)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    b_a = _preact(x, weight, cache, bos, i_n, o_t - bos, m_t, o_c, m_c, C, W, HAS_CACHE, BT, BC)
+    b_a = _preact(x, weight, cache, bos[:, None], i_n[:, None], (o_t - bos)[:, None], m_t[:, None], o_c[None, :],
+                  m_c[None, :], C, W, HAS_CACHE, BT, BC)
     b_y = b_a * tl.sigmoid(b_a)
     tl.store(y + o_t[:, None] * C + o_c[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
@@ -100,68 +106,102 @@ def short_conv_fwd_kernel_cache(x, cu_seqlens, cache, new_cache, C: tl.constexpr
     o_k = tl.arange(0, BW)
     o_c = i_c * BC + tl.arange(0, BC)
     m_k, m_c = o_k < W - 1, o_c < C
-    b_u = _input(x, cache, bos, i_n, eos - bos - (W - 1) + o_k, m_k, o_c, m_c, C, W, HAS_CACHE)  # [BW, BC]
+    b_u = _input(x, cache, bos, i_n, (eos - bos - (W - 1) + o_k)[:, None], m_k[:, None], o_c[None, :], m_c[None, :],
+                 C, W, HAS_CACHE)  # [BW, BC]
     p_o = new_cache + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
     tl.store(p_o, b_u.to(new_cache.dtype.element_ty), mask=m_k[:, None] & m_c[None, :])
 
 
+@autotune(BWD_GRAD_CONFIGS, key=["C", "W", "HAS_CACHE"])
 @triton.jit
-def _shifted_grad(x, weight, cache, dy, bos, i_n, o_t, r, L, s, m_t, o_c, m_c, C: tl.constexpr, W: tl.constexpr,
-                  HAS_CACHE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """g_{r+s} = dy * SiLU'(a) at the rows s after r [BT] (0 past the segment end), recomputing a from the inputs."""
-    m_s = m_t & (r + s < L)
-    b_a = _preact(x, weight, cache, bos, i_n, r + s, m_s, o_c, m_c, C, W, HAS_CACHE, BT, BC)
-    b_dy = tl.load(dy + (o_t + s)[:, None] * C + o_c[None, :], mask=m_s[:, None] & m_c[None, :], other=0)
-    return _silu_grad(b_a, b_dy.to(tl.float32))  # [BT, BC]
+def short_conv_bwd_kernel_grad(x, weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C: tl.constexpr,
+                               W: tl.constexpr, HAS_CACHE: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
+                               BC: tl.constexpr):
+    """g = dy * SiLU'(a) [T, C] and dweight partial sums [cdiv(T, ROWS), W, C] over a grid (ROWS-blocks, C-blocks).
 
-
-@autotune(BWD_CONFIGS, key=["C", "W", "HAS_CACHE", "HAS_DNC"])
-@triton.jit
-def short_conv_bwd_kernel_dx(x, weight, cu_seqlens, cache, dy, dnc, dx, dw_part, T, N, n_steps, C: tl.constexpr,
-                             W: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr, UNROLL: tl.constexpr,
-                             BW: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dx [T, C] and dweight partial sums [cdiv(T, ROWS), W, C] over a grid (ROWS-blocks, C-blocks).
-
-    dx at relative row i is sum_s w_{W-1-s} g_{i+s} over the segment's rows (g = dy * SiLU'(a), recomputed from x),
-    plus the gradient of the new cache where row i is one of the segment's last W-1.
+    One row at a time: the row's W inputs [BW, BC] give a, and with g the dweight terms g_i u_{i-W+1+j}, summed per
+    element (reduced over rows by the launcher). Only channels are spread over the threads, so every sum over W stays
+    inside a thread. The segment is a scalar advanced row by row (one bisection per program), and x and dy are
+    loaded three rows ahead, so each thread keeps three rows of both in flight while it computes.
     """
     i_p, i_c = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     o_w = tl.arange(0, BW)
     m_c = o_c < C
+    m_w = o_w < W
+    m_wc = m_w[:, None] & m_c[None, :]
+    b_w = tl.load(weight + o_c[None, :] * W + o_w[:, None], mask=m_wc, other=0).to(tl.float32)  # [BW, BC]
     b_dw = tl.zeros([BW, BC], dtype=tl.float32)
-    row0 = i_p.to(tl.int64) * ROWS
-    for i_s in range(0, tl.cdiv(tl.minimum(ROWS, T - row0), BT)):
-        o_t = row0 + i_s * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        i_n = _segment_of(cu_seqlens, o_t, N, n_steps)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        L = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-        r = o_t - bos
-        # s = 0, the block's own rows: they also give dw_j = sum_i g_i u_{i-W+1+j}
-        b_g = _shifted_grad(x, weight, cache, dy, bos, i_n, o_t, r, L, 0, m_t, o_c, m_c, C, W, HAS_CACHE, BT, BC)
-        b_dx = b_g * tl.load(weight + o_c * W + W - 1, mask=m_c, other=0).to(tl.float32)[None, :]
-        for j in tl.static_range(W):
-            b_u = _input(x, cache, bos, i_n, r - (W - 1) + j, m_t, o_c, m_c, C, W, HAS_CACHE)
-            b_dw += tl.where(o_w[:, None] == j, tl.sum(b_g * b_u, 0)[None, :], 0)
-        # Unrolled, every shifted load is in flight at once (fast for small W); a loop bounds the registers.
-        if UNROLL:
-            for s in tl.static_range(1, W):
-                b_g = _shifted_grad(x, weight, cache, dy, bos, i_n, o_t, r, L, s, m_t, o_c, m_c, C, W, HAS_CACHE, BT,
-                                    BC)
-                b_dx += b_g * tl.load(weight + o_c * W + W - 1 - s, mask=m_c, other=0).to(tl.float32)[None, :]
-        else:
-            for s in range(1, W):
-                b_g = _shifted_grad(x, weight, cache, dy, bos, i_n, o_t, r, L, s, m_t, o_c, m_c, C, W, HAS_CACHE, BT,
-                                    BC)
-                b_dx += b_g * tl.load(weight + o_c * W + W - 1 - s, mask=m_c, other=0).to(tl.float32)[None, :]
-        if HAS_DNC:
-            o_k = r - (L - (W - 1))  # index into the new cache
-            p_dnc = dnc + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
-            b_dx += tl.load(p_dnc, mask=(m_t & (o_k >= 0))[:, None] & m_c[None, :], other=0).to(tl.float32)
-        tl.store(dx + o_t[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    t0 = i_p.to(tl.int64) * ROWS
+    t1 = tl.minimum(t0 + ROWS, T)
+    i_n = _segment_of(cu_seqlens, t0, N, n_steps)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_u = o_w - (W - 1)  # row offsets of u_{i-W+1+j}, j = o_w
+    # rows t .. t+2 of x and dy in registers, row t+3 loaded ahead each step (the last rows load themselves again)
+    b_x0 = tl.load(x + t0 * C + o_c, mask=m_c, other=0)
+    b_x1 = tl.load(x + tl.minimum(t0 + 1, t1 - 1) * C + o_c, mask=m_c, other=0)
+    b_x2 = tl.load(x + tl.minimum(t0 + 2, t1 - 1) * C + o_c, mask=m_c, other=0)
+    b_dy0 = tl.load(dy + t0 * C + o_c, mask=m_c, other=0)
+    b_dy1 = tl.load(dy + tl.minimum(t0 + 1, t1 - 1) * C + o_c, mask=m_c, other=0)
+    b_dy2 = tl.load(dy + tl.minimum(t0 + 2, t1 - 1) * C + o_c, mask=m_c, other=0)
+    for t in range(t0, t1):
+        t_ahead = tl.minimum(t + 3, t1 - 1)
+        b_x3 = tl.load(x + t_ahead * C + o_c, mask=m_c, other=0)
+        b_dy3 = tl.load(dy + t_ahead * C + o_c, mask=m_c, other=0)
+        # skips empty segments too
+        while eos <= t:
+            i_n += 1
+            bos = eos
+            eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        m = t - bos + o_u  # relative to the segment start
+        # rows t-W+1 .. t-1 of the segment again (L1 hits: loaded ahead in earlier steps), row t from the registers
+        m_prev = m_wc & ((o_w < W - 1) & (m >= 0))[:, None]
+        b_prev = tl.load(x + (t + o_u)[:, None] * C + o_c[None, :], mask=m_prev, other=0)
+        b_u = tl.where((o_w == W - 1)[:, None], b_x0[None, :], b_prev).to(tl.float32)  # [BW, BC]
+        if HAS_CACHE:
+            if t - bos < W - 1:
+                p_h = cache + (i_n * (W - 1) + W - 1 + m)[:, None] * C + o_c[None, :]
+                b_u += tl.load(p_h, mask=m_wc & (m < 0)[:, None], other=0).to(tl.float32)
+        b_g = _silu_grad(tl.sum(b_u * b_w, 0), b_dy0.to(tl.float32))  # [BC]
+        tl.store(g + t * C + o_c, b_g.to(g.dtype.element_ty), mask=m_c)
+        b_dw += b_g[None, :] * b_u
+        b_x0, b_x1, b_x2 = b_x1, b_x2, b_x3
+        b_dy0, b_dy1, b_dy2 = b_dy1, b_dy2, b_dy3
     p_dw = dw_part + (i_p * W + o_w)[:, None].to(tl.int64) * C + o_c[None, :]
-    tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_c[None, :])
+    tl.store(p_dw, b_dw, mask=m_wc)
+
+
+@autotune(BWD_DX_CONFIGS, key=["C", "W", "HAS_DNC"])
+@triton.jit
+def short_conv_bwd_kernel_dx(g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C: tl.constexpr, W: tl.constexpr,
+                             HAS_DNC: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dx [T, C] over a grid (T-blocks, C-blocks): dx_i = sum_s w_{W-1-s} g_{i+s} over the rows of i's segment.
+
+    Plus the gradient of the new cache where row i is one of the segment's last W-1.
+    """
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_t, m_c = o_t < T, o_c < C
+    o_s = tl.arange(0, BW)
+    b_w = tl.load(weight + o_c[None, :] * W + W - 1 - o_s[:, None], mask=(o_s < W)[:, None] & m_c[None, :], other=0)
+    b_w = b_w.to(tl.float32)[:, None, :]  # [BW, 1, BC]: w_{W-1-s}
+    # rows of the next segment are loaded too and zeroed after the segment search, which the loads need not wait for
+    b_g = tl.load(g + (o_t[None, :] + o_s[:, None])[:, :, None] * C + o_c[None, None, :],
+                  mask=((o_t[None, :] + o_s[:, None] < T) & (o_s < W)[:, None])[:, :, None] & m_c[None, None, :],
+                  other=0)  # [BW, BT, BC]: g_{i+s}
+    i_n = _segment_of(cu_seqlens, o_t, N, n_steps)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    L = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    r = o_t - bos
+    m_s = (r[None, :] + o_s[:, None] < L)[:, :, None]
+    b_dx = tl.sum(tl.where(m_s, b_g.to(tl.float32), 0) * b_w, 0)  # [BT, BC]
+    if HAS_DNC:
+        o_k = r - (L - (W - 1))  # index into the new cache
+        p_dnc = dnc + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
+        b_dx += tl.load(p_dnc, mask=(m_t & (o_k >= 0))[:, None] & m_c[None, :], other=0).to(tl.float32)
+    tl.store(dx + o_t[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -178,7 +218,8 @@ def short_conv_bwd_kernel_dcache(x, weight, cu_seqlens, cache, dy, dnc, dcache, 
     for j in tl.static_range(W):
         r = o_k - j
         m_r = m_k & (r >= 0) & (r < L)
-        b_a = _preact(x, weight, cache, bos, i_n, r, m_r, o_c, m_c, C, W, True, BW, BC)
+        b_a = _preact(x, weight, cache, bos, i_n, r[:, None], m_r[:, None], o_c[None, :], m_c[None, :], C, W, True, BW,
+                      BC)
         b_dy = tl.load(dy + (bos + r)[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
         b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)
         b_dh += _silu_grad(b_a, b_dy.to(tl.float32)) * b_w[None, :]
@@ -232,15 +273,23 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
     BW = triton.next_power_of_2(W)
     dx = _empty((T, C), x.dtype, x.device)
     if T > 0:
+        n_steps = _bisection_steps(N)
+        # g = dL/da in x.dtype: the one extra [T, C] tensor, alive only inside the backward
+        g = _empty((T, C), x.dtype, x.device)
         num_parts = triton.cdiv(T, BWD_ROWS)
         dw_part = _empty((num_parts, W, C), torch.float32, x.device)
 
-        def grid(meta):
+        def grid_grad(meta):
             return num_parts, triton.cdiv(C, meta["BC"])
 
-        short_conv_bwd_kernel_dx[grid](x, weight, cu_seqlens, cache, dy, dnc, dx, dw_part, T, N, _bisection_steps(N),
-                                       C=C, W=W, HAS_CACHE=cache is not None, HAS_DNC=dnc is not None,
-                                       UNROLL=W <= UNROLL_MAX_WIDTH, BW=BW, ROWS=BWD_ROWS)
+        short_conv_bwd_kernel_grad[grid_grad](x, weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C=C, W=W,
+                                              HAS_CACHE=cache is not None, BW=BW, ROWS=BWD_ROWS)
+
+        def grid_dx(meta):
+            return triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"])
+
+        short_conv_bwd_kernel_dx[grid_dx](g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C=C, W=W,
+                                          HAS_DNC=dnc is not None, BW=BW)
         dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     else:
         dw = torch.zeros_like(weight)
