@@ -1,4 +1,6 @@
-"""The one comparison metric of the kernel tests."""
+"""The comparison metric of the kernel tests, and the kernel-against-reference check of the chunk kernels."""
+
+import torch
 
 
 def assert_close(actual, expected, rtol, floor=1e-8):
@@ -8,3 +10,34 @@ def assert_close(actual, expected, rtol, floor=1e-8):
     a, b = actual.double(), expected.double()
     err = ((a - b).norm() / max(b.norm().item(), floor)).item()
     assert err <= rtol, f"relative RMS error {err:.3e} > {rtol:.1e}"
+
+
+def run_and_grads(fn, inputs, grad_o, grad_s, **kw):
+    """o, final state and the gradients of <o, grad_o> + <s, grad_s> w.r.t. every given input.
+
+    inputs: the positional inputs of `fn` (q, k, v, [beta,] g), then the initial state; None entries are not given.
+    """
+    *args, h0 = inputs
+    o, s = fn(*args, initial_state=h0, output_final_state=True, **kw)
+    leaves = [x for x in inputs if x is not None]
+    return o, s, torch.autograd.grad((o * grad_o).sum() + (s * grad_s).sum(), leaves)
+
+
+def check_against_reference(gen, kernel, reference, inputs, N, rtol, floors=None, **kw):
+    """Kernel vs the fp64 reference on the same (fp64 copies of the) inputs: o, state, every gradient.
+
+    floors: an absolute floor of the metric per input index (default 1e-8).
+    """
+    q, v = inputs[0], inputs[2]
+    grad_o = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.device)
+    grad_s = torch.randn(N, q.shape[2], q.shape[3], v.shape[3], generator=gen, dtype=torch.float64).to(v.device)
+    o, s, grads = run_and_grads(kernel, inputs, grad_o.to(v.dtype), grad_s.float(), **kw)
+    exact = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    o_ref, s_ref, grads_ref = run_and_grads(reference, exact, grad_o, grad_s, **kw)
+    assert o.dtype == v.dtype and s.dtype == torch.float32 and s.shape == s_ref.shape
+    assert_close(o, o_ref, rtol)
+    assert_close(s, s_ref, rtol)
+    given = [i for i, x in enumerate(inputs) if x is not None]
+    for i, grad, grad_ref in zip(given, grads, grads_ref, strict=True):
+        assert grad.dtype == inputs[i].dtype
+        assert_close(grad, grad_ref, rtol, (floors or {}).get(i, 1e-8))

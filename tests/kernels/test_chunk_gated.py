@@ -13,9 +13,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 import importlib  # noqa: E402
 
+import kernel_checks as checks  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from kernel_checks import assert_close  # noqa: E402
 from momctl.kernels.common import launch  # noqa: E402
 
 if not launch.INTERPRETED and DEVICE == "cpu":  # imported earlier without the interpreter
@@ -63,32 +63,8 @@ def make_inputs(gen, B, T, H, K, V, rule, init=True, N=None, dtype=torch.float32
     return [None if x is None else x.to(DEVICE).requires_grad_() for x in (q, k, v, g, h0)]
 
 
-def run_and_grads(fn, inputs, grad_o, grad_s, **kw):
-    """o, final state and the gradients of <o, grad_o> + <s, grad_s> w.r.t. every given input."""
-    q, k, v, g, h0 = inputs
-    o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
-    leaves = [x for x in inputs if x is not None]
-    return o, s, torch.autograd.grad((o * grad_o).sum() + (s * grad_s).sum(), leaves)
-
-
 def check_against_reference(gen, inputs, N, floors=None, **kw):
-    """Kernel vs the fp64 loop reference on the same (fp64 copies of the) inputs: o, state, every gradient.
-
-    floors: an absolute floor of the metric per input index (default 1e-8).
-    """
-    q, v = inputs[0], inputs[2]
-    grad_o = torch.randn(v.shape, generator=gen, dtype=F64).to(DEVICE)
-    grad_s = torch.randn(N, q.shape[2], q.shape[3], v.shape[3], generator=gen, dtype=F64).to(DEVICE)
-    o, s, grads = run_and_grads(chunk_gated_rule, inputs, grad_o.to(v.dtype), grad_s.float(), **kw)
-    exact = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
-    o_ref, s_ref, grads_ref = run_and_grads(recurrent_gated_rule_ref, exact, grad_o, grad_s, **kw)
-    assert o.dtype == v.dtype and s.dtype == torch.float32 and s.shape == s_ref.shape
-    assert_close(o, o_ref, RTOL)
-    assert_close(s, s_ref, RTOL)
-    given = [i for i, x in enumerate(inputs) if x is not None]
-    for i, grad, grad_ref in zip(given, grads, grads_ref, strict=True):
-        assert grad.dtype == inputs[i].dtype
-        assert_close(grad, grad_ref, RTOL, (floors or {}).get(i, 1e-8))
+    checks.check_against_reference(gen, chunk_gated_rule, recurrent_gated_rule_ref, inputs, N, RTOL, floors, **kw)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
