@@ -19,4 +19,7 @@ def use_kernels(x: torch.Tensor) -> bool:
         raise ValueError(f"MOMCTL_KERNELS={choice!r} is invalid: expected one of {', '.join(CHOICES)}")
     if choice == "auto":
         return x.is_cuda
+    if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"MOMCTL_KERNELS=triton needs CUDA tensors, got {x.device} (TRITON_INTERPRET=1 runs the "
+                         "kernels interpreted, for tests); unset MOMCTL_KERNELS or set it to reference")
     return choice == "triton"

@@ -119,3 +119,15 @@ def test_kernel_path_equals_reference_path(rule, scope, monkeypatch):
         runs.append([out.y_BTD, out.state.memory, out.state.conv, xi.grad] + [p.grad for p in mixer.parameters()])
     for actual, expected in zip(runs[1], runs[0], strict=True):
         assert rel_err(actual, expected) < 1e-4
+
+
+def test_kernel_choice_errors_name_the_setting(monkeypatch):
+    from momctl.backend import use_kernels
+
+    monkeypatch.setenv("MOMCTL_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="MOMCTL_KERNELS='bogus'"):
+        use_kernels(torch.zeros(1))
+    monkeypatch.setenv("MOMCTL_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        use_kernels(torch.zeros(1))

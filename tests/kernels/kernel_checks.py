@@ -2,6 +2,9 @@
 
 import torch
 
+# tests/conftest.py runs the kernels in Triton's interpreter without CUDA; with CUDA they run compiled.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def assert_close(actual, expected, rtol, floor=1e-8):
     """Relative RMS error ||a - b|| / max(||b||, floor) <= rtol; NaN fails."""

@@ -1,29 +1,14 @@
 """The Triton chunk kernels of gated (and plain) linear attention against the fp64 loop reference: output, final
 state and every gradient, under TRITON_INTERPRET=1 on the CPU (compiled kernels when CUDA is there)."""
 
-import os
-
+import kernel_checks as checks
+import pytest
 import torch
-
-# Without CUDA the kernels run in the interpreter: set before any kernel module is imported (triton.jit reads it
-# when it decorates). With CUDA the same tests run the compiled kernels (TF32 dots: a looser tolerance).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-import importlib  # noqa: E402
-
-import kernel_checks as checks  # noqa: E402
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from momctl.kernels.common import launch  # noqa: E402
-
-if not launch.INTERPRETED and DEVICE == "cpu":  # imported earlier without the interpreter
-    importlib.reload(launch)
-
-from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm  # noqa: E402
-from momctl.kernels.gated import chunk_gated_rule  # noqa: E402
-from momctl.kernels.gated.naive import recurrent_gated_rule_ref  # noqa: E402
+import torch.nn.functional as F
+from kernel_checks import DEVICE
+from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm
+from momctl.kernels.gated import chunk_gated_rule
+from momctl.kernels.gated.naive import recurrent_gated_rule_ref
 
 F64 = torch.float64
 RTOL = 1e-4 if DEVICE == "cpu" else 5e-3

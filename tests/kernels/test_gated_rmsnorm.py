@@ -1,26 +1,12 @@
 """The Triton gated RMSNorm against the reference (interpreted on the CPU): output and every gradient."""
 
-import os
-import sys
-
+import pytest
 import torch
+from kernel_checks import DEVICE, assert_close
+from momctl.kernels.norm import gated_rmsnorm as gn
+from momctl.kernels.norm.naive import gated_rmsnorm_ref
 
-# Without CUDA the kernels run in the interpreter; with CUDA the same tests run the compiled kernels on small shapes.
-# Triton binds its own jit functions (tl.sum, tl.sigmoid, ...) when it is first imported, so the flag only works
-# when set before anything imports triton.
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so it cannot interpret kernels: "
-                           "set TRITON_INTERPRET=1 in the environment (or in tests/kernels/conftest.py)")
-    os.environ["TRITON_INTERPRET"] = "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-import pytest  # noqa: E402
-from kernel_checks import assert_close  # noqa: E402
-from momctl.kernels.norm import gated_rmsnorm as gn  # noqa: E402
-from momctl.kernels.norm.naive import gated_rmsnorm_ref  # noqa: E402
-
-from momctl.modules import GatedRMSNorm  # noqa: E402
+from momctl.modules import GatedRMSNorm
 
 F64 = torch.float64
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

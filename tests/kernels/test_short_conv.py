@@ -1,27 +1,13 @@
 """The Triton varlen short conv against the reference (interpreted on the CPU): outputs, new cache, every gradient."""
 
-import os
-import sys
-
+import pytest
 import torch
+import torch.nn.functional as F
+from kernel_checks import DEVICE, assert_close
+from momctl.kernels.conv import short_conv as sc
+from momctl.kernels.conv.naive import short_conv_varlen_ref
 
-# Without CUDA the kernels run in the interpreter; with CUDA the same tests run the compiled kernels on small shapes.
-# Triton binds its own jit functions (tl.sum, tl.sigmoid, ...) when it is first imported, so the flag only works
-# when set before anything imports triton.
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so it cannot interpret kernels: "
-                           "set TRITON_INTERPRET=1 in the environment (or in tests/kernels/conftest.py)")
-    os.environ["TRITON_INTERPRET"] = "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from kernel_checks import assert_close  # noqa: E402
-from momctl.kernels.conv import short_conv as sc  # noqa: E402
-from momctl.kernels.conv.naive import short_conv_varlen_ref  # noqa: E402
-
-from momctl.modules import short_conv  # noqa: E402
+from momctl.modules import short_conv
 
 F64 = torch.float64
 RTOL = {torch.float32: 1e-5}

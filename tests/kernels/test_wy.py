@@ -3,26 +3,14 @@
 Without a GPU the Triton kernels run in the interpreter on small shapes; on a GPU machine the same tests run compiled.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
+from kernel_checks import DEVICE, assert_close
+from momctl.kernels.common.varlen import chunk_layout
+from momctl.kernels.gated_delta import wy
+from momctl.kernels.gated_delta.naive import recurrent_gated_delta_rule_ref, wy_repr_ref
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: its kernels are decorated then
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from kernel_checks import assert_close  # noqa: E402
-from momctl.kernels.common import launch  # noqa: E402
-from momctl.kernels.common.varlen import chunk_layout  # noqa: E402
-from momctl.kernels.gated_delta import wy  # noqa: E402
-from momctl.kernels.gated_delta.naive import recurrent_gated_delta_rule_ref, wy_repr_ref  # noqa: E402
-
-if DEVICE == "cpu" and not wy.INTERPRETED:  # imported earlier, before the flag: decorate the kernels again
-    importlib.reload(launch)
-    importlib.reload(wy)
 F64 = torch.float64
 LENGTHS = [0, 1, 17, 64, 65, 130]  # empty, shorter than a chunk, one chunk, a chunk and one, several chunks
 
