@@ -216,7 +216,6 @@ class MoMMixer(nn.Module):
         names = ["k", "v"] + ["b"] * c.has_beta + ["a"] * c.has_decay
         widths = [HK, HV] + [H] * c.has_beta + [H] * c.has_decay
         weight_SND = torch.cat([self._slot_weights(name) for name in names], dim=1)
-        conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
         cache_NWC = None
         if state is not None:  # slot-major order (s, b)
             cache_NWC = state.conv.to(x_BTD.dtype).transpose(0, 1).reshape(S * B, W - 1, self.conv_channels)
@@ -226,12 +225,18 @@ class MoMMixer(nn.Module):
             q_MC = gather_copies(self.q_proj(x_ND), packing)
             if cache_NWC is not None:  # the padding segment starts from zeros
                 cache_NWC = torch.cat([cache_NWC, cache_NWC.new_zeros(1, *cache_NWC.shape[1:])])
-            u_MC, new_conv = short_conv_varlen(torch.cat([q_MC, k_MC, v_MC], dim=-1), conv_weight,
-                                               packing.cu_seqlens, cache_NWC, return_state)
+            # q, k, v convolved apart (the filter is depthwise): k and v are read in place from the projection.
+            caches = [None] * 3 if cache_NWC is None else cache_NWC.split([HK, HK, HV], dim=-1)
+            convs = [self.q_conv1d, self.k_conv1d, self.v_conv1d]
+            outs = [short_conv_varlen(u, conv.weight[:, 0], packing.cu_seqlens, cache, return_state)
+                    for u, conv, cache in zip((q_MC, k_MC, v_MC), convs, caches, strict=True)]
+            q, k, v = (y.reshape(1, M, H, -1) for y, _ in outs)
+            new_conv = torch.cat([cache for _, cache in outs], dim=-1) if return_state else None
         else:
+            conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
             u_MC, gates, new_conv = self._conv_over_time(x_ND, valid_BT, packing, weight_SND, widths, conv_weight,
                                                          cache_NWC, return_state)
-        q, k, v = (t.reshape(1, M, H, -1) for t in u_MC.split([HK, HK, HV], dim=-1))
+            q, k, v = (t.reshape(1, M, H, -1) for t in u_MC.split([HK, HK, HV], dim=-1))
         beta = gates[0].sigmoid().reshape(1, M, H) if c.has_beta else None
         g = self._log_decay(gates[-1]).reshape(1, M, H) if c.has_decay else None
         initial = None

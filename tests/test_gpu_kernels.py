@@ -33,31 +33,62 @@ def paper_layer(**overrides):
     return MoMForCausalLM(config).model.layers[0].attn.cuda()
 
 
-def layer_grads(mixer, x, valid, dy, dtype):
+def layer_grads(mixer, x, valid, dy, dtype, autocast=True):
     mixer.zero_grad()
     x = x.detach().to(dtype).requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         y = mixer(x, valid, None, False).y_BTD
     y.backward(dy.to(y.dtype))
-    return [y.float(), x.grad.float()] + [p.grad.float() for p in mixer.parameters()]
+    return [y.double(), x.grad.double()] + [p.grad.double() for p in mixer.parameters()]
+
+
+@contextmanager
+def forced_routing(mixer, slots_BTA):
+    """Every run routes each token to the same memories (`slots_BTA`, shared slot last); the mixing weights still
+    come from the run's own router logits, so the router's gradient is exercised. Precision differences cannot
+    flip a choice."""
+    route = mixer.route
+
+    def fixed(x):
+        logits, _, _ = route(x)
+        A = mixer.config.top_k
+        w = torch.softmax(logits.float(), -1).gather(-1, slots_BTA[..., :A])
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        return logits, slots_BTA, torch.cat([w, w.new_ones(*w.shape[:-1], 1)], -1)
+
+    mixer.route = fixed
+    try:
+        yield
+    finally:
+        del mixer.route
 
 
 @pytest.mark.parametrize("rule", ["gated_delta", "delta", "gated", "linear"])
-def test_kernel_layer_matches_reference_path_bf16(rule):
-    """Both paths under bf16 autocast (so the router, computed once in bf16, routes every token the same way): the
-    kernels against the references, which run the recurrence in fp32. Output and every gradient."""
+def test_kernel_layer_is_as_accurate_as_reference_path(rule):
+    """Output and every gradient of the layer against an fp64 truth (the reference path in fp64), with routing held
+    fixed: the kernel path under bf16 autocast may err at most 1.5x as much as the reference path under the same
+    autocast (which runs its recurrence in fp32), plus 2e-3."""
     mixer = paper_layer(update_rule=rule)
     x = torch.randn(2, 1000, 1024, device="cuda")
     dy = torch.randn_like(x)
     valid = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
     valid[1, :37] = False
-    with kernels("reference"):
-        expected = layer_grads(mixer, x, valid, dy, torch.bfloat16)
-    with kernels("triton"):
-        actual = layer_grads(mixer, x, valid, dy, torch.bfloat16)
+    with torch.no_grad():
+        slots_BTA = mixer.route(x)[1]
+    with forced_routing(mixer, slots_BTA):
+        with kernels("reference"):
+            truth = layer_grads(mixer.double(), x, valid, dy, torch.float64, autocast=False)
+            reference = layer_grads(mixer.float(), x, valid, dy, torch.float32)
+        with kernels("triton"):
+            actual = layer_grads(mixer, x, valid, dy, torch.float32)
+            actual_fp32 = layer_grads(mixer, x, valid, dy, torch.float32, autocast=False)
     names = ["y", "dx"] + [n for n, _ in mixer.named_parameters()]
-    errors = {n: rel_err(a, e) for n, a, e in zip(names, actual, expected, strict=True)}
-    assert max(errors.values()) < 1e-2, errors
+    errors = {n: (rel_err(a, t), rel_err(r, t), rel_err(a32, t))
+              for n, a, r, a32, t in zip(names, actual, reference, actual_fp32, truth, strict=True)}
+    for n, (a, r, a32) in errors.items():
+        print(f"{rule} {n:16s} kernel bf16 {a:.1e}  reference bf16 {r:.1e}  kernel fp32 {a32:.1e}")
+    assert all(a <= 1.5 * r + 2e-3 for a, r, _ in errors.values()), errors
+    assert all(a32 <= 5e-3 for _, _, a32 in errors.values()), errors
 
 
 def test_kernel_layer_forward_backward_makes_no_host_synchronisation():

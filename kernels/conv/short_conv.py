@@ -43,12 +43,14 @@ def _segment_of(cu_seqlens, o_t, N, n_steps):
 
 
 @triton.jit
-def _input(x, cache, bos, i_n, m, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """u_m of segment i_n at relative rows m: x[bos + m] for m >= 0, cache[i_n, W-1+m] for m < 0.
+def _input(x, stride_x, cache, bos, i_n, m, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr,
+           HAS_CACHE: tl.constexpr):
+    """u_m of segment i_n at relative rows m: x[bos + m] for m >= 0, cache[i_n, W-1+m] for m < 0 (x's rows are
+    stride_x elements apart).
 
     bos, i_n, m and the row mask m_r are [BR, 1] (or [BW, BR, 1]) and broadcast against the channels o_c, m_c [1, BC].
     """
-    p_u = x + (bos + m) * C + o_c
+    p_u = x + (bos + m) * stride_x + o_c
     m_u = m_r & (m >= 0)
     if HAS_CACHE:
         # one load from either source: rows before the segment start read the cache
@@ -59,7 +61,7 @@ def _input(x, cache, bos, i_n, m, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
-def _preact(x, weight, cache, bos, i_n, r, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr,
+def _preact(x, stride_x, weight, cache, bos, i_n, r, m_r, o_c, m_c, C: tl.constexpr, W: tl.constexpr,
             HAS_CACHE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """Conv output before the SiLU at relative rows r: a_r = sum_j w_j u_{r-W+1+j}; 0 where m_r is false.
 
@@ -68,7 +70,7 @@ def _preact(x, weight, cache, bos, i_n, r, m_r, o_c, m_c, C: tl.constexpr, W: tl
     b_a = tl.zeros([BR, BC], dtype=tl.float32)
     for j in tl.static_range(W):
         b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)  # [1, BC]
-        b_a += _input(x, cache, bos, i_n, r - (W - 1) + j, m_r, o_c, m_c, C, W, HAS_CACHE) * b_w
+        b_a += _input(x, stride_x, cache, bos, i_n, r - (W - 1) + j, m_r, o_c, m_c, C, W, HAS_CACHE) * b_w
     return b_a  # [BR, BC]
 
 
@@ -81,7 +83,8 @@ def _silu_grad(b_a, b_dy):
 
 @autotune(FWD_CONFIGS, key=["C", "W", "HAS_CACHE"])
 @triton.jit
-def short_conv_fwd_kernel_out(x, weight, cu_seqlens, cache, y, T, N, n_steps, C: tl.constexpr, W: tl.constexpr,
+def short_conv_fwd_kernel_out(x, stride_x, weight, cu_seqlens, cache, y, T, N, n_steps, C: tl.constexpr,
+                              W: tl.constexpr,
                               HAS_CACHE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """y [T, C] over a grid (T-blocks, C-blocks): every row finds its segment, reads its W inputs, applies SiLU."""
     i_t, i_c = tl.program_id(0), tl.program_id(1)
@@ -90,14 +93,14 @@ def short_conv_fwd_kernel_out(x, weight, cu_seqlens, cache, y, T, N, n_steps, C:
     m_t, m_c = o_t < T, o_c < C
     i_n = _segment_of(cu_seqlens, o_t, N, n_steps)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    b_a = _preact(x, weight, cache, bos[:, None], i_n[:, None], (o_t - bos)[:, None], m_t[:, None], o_c[None, :],
+    b_a = _preact(x, stride_x, weight, cache, bos[:, None], i_n[:, None], (o_t - bos)[:, None], m_t[:, None], o_c[None, :],
                   m_c[None, :], C, W, HAS_CACHE, BT, BC)
     b_y = b_a * tl.sigmoid(b_a)
     tl.store(y + o_t[:, None] * C + o_c[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
-def short_conv_fwd_kernel_cache(x, cu_seqlens, cache, new_cache, C: tl.constexpr, W: tl.constexpr,
+def short_conv_fwd_kernel_cache(x, stride_x, cu_seqlens, cache, new_cache, C: tl.constexpr, W: tl.constexpr,
                                 HAS_CACHE: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
     """new_cache[n, k] = u_{L-W+1+k} of segment n over a grid (N, C-blocks)."""
     i_n, i_c = tl.program_id(0), tl.program_id(1)
@@ -106,7 +109,7 @@ def short_conv_fwd_kernel_cache(x, cu_seqlens, cache, new_cache, C: tl.constexpr
     o_k = tl.arange(0, BW)
     o_c = i_c * BC + tl.arange(0, BC)
     m_k, m_c = o_k < W - 1, o_c < C
-    b_u = _input(x, cache, bos, i_n, (eos - bos - (W - 1) + o_k)[:, None], m_k[:, None], o_c[None, :], m_c[None, :],
+    b_u = _input(x, stride_x, cache, bos, i_n, (eos - bos - (W - 1) + o_k)[:, None], m_k[:, None], o_c[None, :], m_c[None, :],
                  C, W, HAS_CACHE)  # [BW, BC]
     p_o = new_cache + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
     tl.store(p_o, b_u.to(new_cache.dtype.element_ty), mask=m_k[:, None] & m_c[None, :])
@@ -114,7 +117,8 @@ def short_conv_fwd_kernel_cache(x, cu_seqlens, cache, new_cache, C: tl.constexpr
 
 @autotune(BWD_GRAD_CONFIGS, key=["C", "W", "HAS_CACHE"])
 @triton.jit
-def short_conv_bwd_kernel_grad(x, weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C: tl.constexpr,
+def short_conv_bwd_kernel_grad(x, stride_x, weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps,
+                               C: tl.constexpr,
                                W: tl.constexpr, HAS_CACHE: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
                                BC: tl.constexpr):
     """g = dy * SiLU'(a) [T, C] and dweight partial sums [cdiv(T, ROWS), W, C] over a grid (ROWS-blocks, C-blocks).
@@ -139,15 +143,15 @@ def short_conv_bwd_kernel_grad(x, weight, cu_seqlens, cache, dy, g, dw_part, T, 
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     o_u = o_w - (W - 1)  # row offsets of u_{i-W+1+j}, j = o_w
     # rows t .. t+2 of x and dy in registers, row t+3 loaded ahead each step (the last rows load themselves again)
-    b_x0 = tl.load(x + t0 * C + o_c, mask=m_c, other=0)
-    b_x1 = tl.load(x + tl.minimum(t0 + 1, t1 - 1) * C + o_c, mask=m_c, other=0)
-    b_x2 = tl.load(x + tl.minimum(t0 + 2, t1 - 1) * C + o_c, mask=m_c, other=0)
+    b_x0 = tl.load(x + t0 * stride_x + o_c, mask=m_c, other=0)
+    b_x1 = tl.load(x + tl.minimum(t0 + 1, t1 - 1) * stride_x + o_c, mask=m_c, other=0)
+    b_x2 = tl.load(x + tl.minimum(t0 + 2, t1 - 1) * stride_x + o_c, mask=m_c, other=0)
     b_dy0 = tl.load(dy + t0 * C + o_c, mask=m_c, other=0)
     b_dy1 = tl.load(dy + tl.minimum(t0 + 1, t1 - 1) * C + o_c, mask=m_c, other=0)
     b_dy2 = tl.load(dy + tl.minimum(t0 + 2, t1 - 1) * C + o_c, mask=m_c, other=0)
     for t in range(t0, t1):
         t_ahead = tl.minimum(t + 3, t1 - 1)
-        b_x3 = tl.load(x + t_ahead * C + o_c, mask=m_c, other=0)
+        b_x3 = tl.load(x + t_ahead * stride_x + o_c, mask=m_c, other=0)
         b_dy3 = tl.load(dy + t_ahead * C + o_c, mask=m_c, other=0)
         # skips empty segments too
         while eos <= t:
@@ -157,7 +161,7 @@ def short_conv_bwd_kernel_grad(x, weight, cu_seqlens, cache, dy, g, dw_part, T, 
         m = t - bos + o_u  # relative to the segment start
         # rows t-W+1 .. t-1 of the segment again (L1 hits: loaded ahead in earlier steps), row t from the registers
         m_prev = m_wc & ((o_w < W - 1) & (m >= 0))[:, None]
-        b_prev = tl.load(x + (t + o_u)[:, None] * C + o_c[None, :], mask=m_prev, other=0)
+        b_prev = tl.load(x + (t + o_u)[:, None] * stride_x + o_c[None, :], mask=m_prev, other=0)
         b_u = tl.where((o_w == W - 1)[:, None], b_x0[None, :], b_prev).to(tl.float32)  # [BW, BC]
         if HAS_CACHE:
             if t - bos < W - 1:
@@ -205,7 +209,8 @@ def short_conv_bwd_kernel_dx(g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C: t
 
 
 @triton.jit
-def short_conv_bwd_kernel_dcache(x, weight, cu_seqlens, cache, dy, dnc, dcache, C: tl.constexpr, W: tl.constexpr,
+def short_conv_bwd_kernel_dcache(x, stride_x, weight, cu_seqlens, cache, dy, dnc, dcache, C: tl.constexpr,
+                                 W: tl.constexpr,
                                  HAS_DNC: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
     """dcache [N, W-1, C] over a grid (N, C-blocks): cache row k is u_m with m = k-W+1, read by rows k-j, j < W."""
     i_n, i_c = tl.program_id(0), tl.program_id(1)
@@ -218,7 +223,7 @@ def short_conv_bwd_kernel_dcache(x, weight, cu_seqlens, cache, dy, dnc, dcache, 
     for j in tl.static_range(W):
         r = o_k - j
         m_r = m_k & (r >= 0) & (r < L)
-        b_a = _preact(x, weight, cache, bos, i_n, r[:, None], m_r[:, None], o_c[None, :], m_c[None, :], C, W, True, BW,
+        b_a = _preact(x, stride_x, weight, cache, bos, i_n, r[:, None], m_r[:, None], o_c[None, :], m_c[None, :], C, W, True, BW,
                       BC)
         b_dy = tl.load(dy + (bos + r)[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
         b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)
@@ -253,13 +258,13 @@ def short_conv_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         def grid(meta):
             return triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"])
 
-        short_conv_fwd_kernel_out[grid](x, weight, cu_seqlens, cache, y, T, N, _bisection_steps(N), C=C, W=W,
+        short_conv_fwd_kernel_out[grid](x, x.stride(0), weight, cu_seqlens, cache, y, T, N, _bisection_steps(N), C=C, W=W,
                                         HAS_CACHE=cache is not None)
     new_cache = x.new_empty(0)
     if output_final_cache:
         new_cache = _empty((N, W - 1, C), x.dtype, x.device)
         short_conv_fwd_kernel_cache[(N, triton.cdiv(C, CACHE_BC))](
-            x, cu_seqlens, cache, new_cache, C=C, W=W, HAS_CACHE=cache is not None,
+            x, x.stride(0), cu_seqlens, cache, new_cache, C=C, W=W, HAS_CACHE=cache is not None,
             BW=triton.next_power_of_2(W - 1), BC=CACHE_BC)
     return y, new_cache
 
@@ -282,7 +287,7 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         def grid_grad(meta):
             return num_parts, triton.cdiv(C, meta["BC"])
 
-        short_conv_bwd_kernel_grad[grid_grad](x, weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C=C, W=W,
+        short_conv_bwd_kernel_grad[grid_grad](x, x.stride(0), weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C=C, W=W,
                                               HAS_CACHE=cache is not None, BW=BW, ROWS=BWD_ROWS)
 
         def grid_dx(meta):
@@ -298,7 +303,7 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         assert cache is not None
         dcache = _empty(tuple(cache.shape), cache.dtype, x.device)
         short_conv_bwd_kernel_dcache[(N, triton.cdiv(C, CACHE_BC))](
-            x, weight, cu_seqlens, cache, dy, dnc, dcache, C=C, W=W, HAS_DNC=dnc is not None,
+            x, x.stride(0), weight, cu_seqlens, cache, dy, dnc, dcache, C=C, W=W, HAS_DNC=dnc is not None,
             BW=triton.next_power_of_2(W - 1), BC=CACHE_BC)
     return dx, dw, dcache
 
@@ -313,7 +318,7 @@ def _short_conv_op(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
 def _(x, weight, cu_seqlens, cache, output_final_cache):
     N, W = cu_seqlens.shape[0] - 1, weight.shape[1]
     new_cache = x.new_empty(N, W - 1, x.shape[1]) if output_final_cache else x.new_empty(0)
-    return torch.empty_like(x), new_cache
+    return x.new_empty(x.shape), new_cache
 
 
 @torch.library.custom_op("momctl::short_conv_varlen_bwd", mutates_args=())
@@ -325,7 +330,7 @@ def _short_conv_bwd_op(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Ten
 @_short_conv_bwd_op.register_fake
 def _(x, weight, cu_seqlens, cache, dy, dnc, need_dcache):
     dcache = torch.empty_like(cache) if need_dcache else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), dcache
+    return x.new_empty(x.shape), torch.empty_like(weight), dcache
 
 
 def _setup_context(ctx, inputs, output):
@@ -359,7 +364,8 @@ def short_conv_varlen(
     inputs (zeros without a cache): nothing leaks across a segment boundary. Computed in float32.
 
     Args:
-        x: `[T, C]` inputs (float16, bfloat16 or float32), segments packed along T.
+        x: `[T, C]` inputs (float16, bfloat16 or float32), segments packed along T; rows may be strided (a column
+            slice of a wider tensor is read in place).
         weight: `[C, W]` filter, 2 <= W <= 8, any float dtype.
         cu_seqlens: int32/int64 `[N + 1]` offsets from 0 to T, segment n is `x[cu_seqlens[n] : cu_seqlens[n + 1]]`
             (empty segments allowed). Not checked on the device: wrong offsets give wrong outputs.
@@ -372,7 +378,8 @@ def short_conv_varlen(
         and cache, through both outputs.
     """
     _check_inputs(x, weight, cu_seqlens, cache)
-    x, weight, cu_seqlens = x.contiguous(), weight.contiguous(), cu_seqlens.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()  # rows may be strided (a column slice): read in place
+    weight, cu_seqlens = weight.contiguous(), cu_seqlens.contiguous()
     cache = None if cache is None else cache.contiguous()
     y, new_cache = torch.ops.momctl.short_conv_varlen(x, weight, cu_seqlens, cache, output_final_cache)
     return y, new_cache if output_final_cache else None

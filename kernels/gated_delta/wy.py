@@ -51,10 +51,11 @@ _FWD_CONFIGS = [
     triton.Config({}, num_warps=4, num_stages=3),
     triton.Config({}, num_warps=8, num_stages=2),
     triton.Config({}, num_warps=4, num_stages=2, maxnreg=168),
+    triton.Config({}, num_warps=4, num_stages=1),  # fp32 inputs: less shared memory
 ]
 # 64-wide K/V tiles only: on an H100 with Triton 3.6 the 32-wide tiles of the backward gave wrong gradients at K=64
 # and an illegal memory access at K=256 (measured per config, 2026-11-22).
-_BWD_CONFIGS = [triton.Config({"BK": 64, "BV": 64}, num_warps=w, num_stages=2) for w in (4, 8)]
+_BWD_CONFIGS = [triton.Config({"BK": 64, "BV": 64}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2), (4, 1)]]
 
 
 @triton.jit

@@ -98,6 +98,25 @@ def test_only_empty_segments(gen, poison):
     check_against_reference(gen, [0, 0], 20, 4, True)
 
 
+def test_strided_rows_are_read_in_place(gen, poison):
+    """x as a column slice of a wider tensor (rows strided, as the layer passes k and v out of one projection):
+    same outputs and gradients as a contiguous copy, and the slice is not copied."""
+    W, lengths = 4, [0, 2, 19, 6]
+    x, weight, cache, dy, dnc = make_inputs(gen, lengths, 20, W, True)
+    wide = torch.cat([x.new_zeros(x.shape[0], 5), x, x.new_zeros(x.shape[0], 7)], 1).float().requires_grad_()
+    x_view = wide[:, 5:25]
+    weight, cache = weight.float().requires_grad_(), cache.float().requires_grad_()
+    y, nc = sc.short_conv_varlen(x_view, weight, offsets(lengths), cache, output_final_cache=True)
+    grads = torch.autograd.grad((y * dy.float()).sum() + (nc * dnc.float()).sum(), [wide, weight, cache])
+    y_ref, nc_ref, g_ref = run(short_conv_varlen_ref, x, weight, offsets(lengths), cache, dy, dnc, F64)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(nc, nc_ref, 1e-5)
+    assert_close(grads[0][:, 5:25], g_ref[0], 1e-5)
+    assert grads[0][:, :5].abs().sum() == 0 and grads[0][:, 25:].abs().sum() == 0
+    for actual, expected in zip(grads[1:], g_ref[1:], strict=True):
+        assert_close(actual, expected, 1e-5)
+
+
 def test_chunked_equals_whole(gen, poison):
     """Every segment in two pieces, the second starting from the first's cache == one call (and gradients)."""
     W, C, lengths = 4, 20, [1, 2, 9, 30]
