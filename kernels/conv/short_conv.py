@@ -93,8 +93,8 @@ def short_conv_fwd_kernel_out(x, stride_x, weight, cu_seqlens, cache, y, T, N, n
     m_t, m_c = o_t < T, o_c < C
     i_n = _segment_of(cu_seqlens, o_t, N, n_steps)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    b_a = _preact(x, stride_x, weight, cache, bos[:, None], i_n[:, None], (o_t - bos)[:, None], m_t[:, None], o_c[None, :],
-                  m_c[None, :], C, W, HAS_CACHE, BT, BC)
+    b_a = _preact(x, stride_x, weight, cache, bos[:, None], i_n[:, None], (o_t - bos)[:, None], m_t[:, None],
+                  o_c[None, :], m_c[None, :], C, W, HAS_CACHE, BT, BC)
     b_y = b_a * tl.sigmoid(b_a)
     tl.store(y + o_t[:, None] * C + o_c[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
@@ -109,8 +109,8 @@ def short_conv_fwd_kernel_cache(x, stride_x, cu_seqlens, cache, new_cache, C: tl
     o_k = tl.arange(0, BW)
     o_c = i_c * BC + tl.arange(0, BC)
     m_k, m_c = o_k < W - 1, o_c < C
-    b_u = _input(x, stride_x, cache, bos, i_n, (eos - bos - (W - 1) + o_k)[:, None], m_k[:, None], o_c[None, :], m_c[None, :],
-                 C, W, HAS_CACHE)  # [BW, BC]
+    b_u = _input(x, stride_x, cache, bos, i_n, (eos - bos - (W - 1) + o_k)[:, None], m_k[:, None], o_c[None, :],
+                 m_c[None, :], C, W, HAS_CACHE)  # [BW, BC]
     p_o = new_cache + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
     tl.store(p_o, b_u.to(new_cache.dtype.element_ty), mask=m_k[:, None] & m_c[None, :])
 
@@ -223,8 +223,8 @@ def short_conv_bwd_kernel_dcache(x, stride_x, weight, cu_seqlens, cache, dy, dnc
     for j in tl.static_range(W):
         r = o_k - j
         m_r = m_k & (r >= 0) & (r < L)
-        b_a = _preact(x, stride_x, weight, cache, bos, i_n, r[:, None], m_r[:, None], o_c[None, :], m_c[None, :], C, W, True, BW,
-                      BC)
+        b_a = _preact(x, stride_x, weight, cache, bos, i_n, r[:, None], m_r[:, None], o_c[None, :], m_c[None, :], C, W,
+                      True, BW, BC)
         b_dy = tl.load(dy + (bos + r)[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
         b_w = tl.load(weight + o_c * W + j, mask=m_c, other=0).to(tl.float32)
         b_dh += _silu_grad(b_a, b_dy.to(tl.float32)) * b_w[None, :]
@@ -258,8 +258,8 @@ def short_conv_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         def grid(meta):
             return triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"])
 
-        short_conv_fwd_kernel_out[grid](x, x.stride(0), weight, cu_seqlens, cache, y, T, N, _bisection_steps(N), C=C, W=W,
-                                        HAS_CACHE=cache is not None)
+        short_conv_fwd_kernel_out[grid](x, x.stride(0), weight, cu_seqlens, cache, y, T, N, _bisection_steps(N), C=C,
+                                        W=W, HAS_CACHE=cache is not None)
     new_cache = x.new_empty(0)
     if output_final_cache:
         new_cache = _empty((N, W - 1, C), x.dtype, x.device)
@@ -287,8 +287,8 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         def grid_grad(meta):
             return num_parts, triton.cdiv(C, meta["BC"])
 
-        short_conv_bwd_kernel_grad[grid_grad](x, x.stride(0), weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps, C=C, W=W,
-                                              HAS_CACHE=cache is not None, BW=BW, ROWS=BWD_ROWS)
+        short_conv_bwd_kernel_grad[grid_grad](x, x.stride(0), weight, cu_seqlens, cache, dy, g, dw_part, T, N, n_steps,
+                                              C=C, W=W, HAS_CACHE=cache is not None, BW=BW, ROWS=BWD_ROWS)
 
         def grid_dx(meta):
             return triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"])
