@@ -120,9 +120,10 @@ def test_kernel_layer_under_torch_compile_matches_eager():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_340m_model_kernel_path_trains_like_reference_path(autocast):
-    """The mom-340m config (24 layers), three AdamW steps from the same weights and data on each path. In fp32 the
-    losses and first gradients must agree closely; under bf16 autocast a few tokens of deeper layers may route
-    differently (the router sees slightly different inputs), so only the losses are compared."""
+    """The mom-340m config (24 layers), three AdamW steps from the same weights and data on each path: losses within
+    bf16 tolerance (1e-2; AdamW turns tiny gradient differences into lr-sized steps, so later losses drift apart
+    faster than the first), and in fp32 the first gradients too. Under bf16 autocast a few tokens of deeper layers
+    may route differently (the router sees slightly different inputs), so only the losses are compared."""
     torch.manual_seed(0)
     config = get_preset("mom-340m")
     ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
@@ -146,8 +147,8 @@ def test_340m_model_kernel_path_trains_like_reference_path(autocast):
         runs[choice] = losses, grads
         del model, opt
     (ref_losses, ref_grads), (losses, grads) = runs["reference"], runs["triton"]
-    tol = 1e-2 if autocast else 1e-3
-    assert all(abs(a - b) / abs(b) < tol for a, b in zip(losses, ref_losses, strict=True)), (losses, ref_losses)
+    assert abs(losses[0] - ref_losses[0]) / ref_losses[0] < (1e-2 if autocast else 1e-4), (losses, ref_losses)
+    assert all(abs(a - b) / abs(b) < 1e-2 for a, b in zip(losses, ref_losses, strict=True)), (losses, ref_losses)
     if not autocast:
         flat = torch.cat([g.reshape(-1) for g in grads.values()])
         ref_flat = torch.cat([g.reshape(-1) for g in ref_grads.values()])
