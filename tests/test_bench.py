@@ -231,7 +231,9 @@ def assert_one_line_error(result, *words):
 
 
 def test_cli_errors_are_one_line():
+    assert_one_line_error(run_main("bench", "--device", "cpu", "--seq-len", "0"), "--seq-len", "at least 1")
     assert_one_line_error(run_main("bench", "--device", "cpu", "--seq-len", "12,abc"), "--seq-len", "abc")
+    assert_one_line_error(run_main("bench", "--device", "cpu", "--models", "mom,mamba"), "unknown model 'mamba'")
     assert_one_line_error(run_main("bench", "--device", "cpu", "--plot", "out.png", hide_matplotlib=True),
                           "matplotlib", "pip install 'momctl[plot]'")
 

@@ -66,7 +66,7 @@ def mode_table(doc: dict, mode: str, cells: list[dict]) -> Table:
             row += [_num(c["median_ms"]), f"{_num(c['p20_ms'])}-{_num(c['p80_ms'])}", _rate(c["tokens_per_s"]),
                     f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"]
             if mode in ("train", "prefill"):
-                row.append(f"{c['tflops_per_s']:.1f}" if c["tflops_per_s"] is not None else "-")
+                row.append(_num(c["tflops_per_s"]) if c["tflops_per_s"] is not None else "-")
             row += [_gib(c["peak_bytes"]), *([_state(doc, c)] if with_state else []), f"{c['warmup_s']:.1f}"]
         else:
             row += ["OOM" if c["status"] == "oom" else "error"] + ["-"] * (len(table.columns) - 4)
@@ -126,8 +126,8 @@ def progress_line(cell: dict) -> str:
             f"{cell['warmup_s']:.1f} s")
 
 
-def _num(ms: float) -> str:
-    return f"{ms:.3g}" if ms < 1 else f"{ms:.1f}" if ms < 1000 else f"{ms:,.0f}"
+def _num(x: float) -> str:
+    return f"{x:.3g}" if x < 1 else f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
 
 
 def _rate(x: float) -> str:
