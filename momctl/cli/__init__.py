@@ -8,9 +8,10 @@ import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MomctlError
-from . import data, generate, info, presets, smoke, train
+from . import bench, data, generate, info, presets, smoke, train
 
 app = typer.Typer(name="momctl", help="Train, run, measure and ship Mixture-of-Memories language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -20,6 +21,7 @@ app.command("info")(info.info)
 app.add_typer(data.app, name="data")
 app.command("presets")(presets.presets)
 app.command("smoke")(smoke.smoke)
+app.command("bench")(bench.bench)
 
 err_console = Console(stderr=True)
 
@@ -35,10 +37,10 @@ def main() -> None:
     except (MomctlError, ValueError) as err:
         if os.environ.get("MOMCTL_DEBUG") == "1":
             raise
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (a setting with no effect, a skipped partial checkpoint) as one yellow line on stderr."""
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)

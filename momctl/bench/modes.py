@@ -1,0 +1,140 @@
+"""One measurement cell: a model in one mode at one sequence length and batch size.
+
+- train: forward + backward (gradients of the weights and, for a layer, of its input), no optimiser step;
+  tokens/s = B * T / time.
+- prefill: forward without autograd (a layer's output, or the model's logits and recurrent state).
+- decode: the state after a context of T tokens (prefilled untimed), then one token per sequence per step; the
+  steps continue the sequence, so the context grows by one token per call. tokens/s = B / time per step.
+- generate: a prompt of T tokens, prefilled, then greedy steps until `new_tokens` tokens per sequence; the time is
+  the total latency. tokens/s = B * new_tokens / time.
+
+Legend: B batch, T time, D d_model, W vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backends import step_function
+from .flops import forward_flops
+from .models import Subject
+from .profile import time_breakdown
+from .settings import BenchSettings
+from .timing import peak_memory, time_calls
+
+
+def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: BenchSettings,
+            device: torch.device) -> dict:
+    """Time `subject` in `mode` on random inputs of `batch` x `seq_len`. Returns the cell's measured fields."""
+    gen = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + seq_len * 1009 + batch)
+    if mode == "train":
+        call = _train_call(subject, batch, seq_len, settings.torch_dtype, device, gen)
+    elif mode == "prefill":
+        call = _prefill_call(subject, batch, seq_len, settings.torch_dtype, device, gen)
+    elif mode == "decode":
+        call, state_holder = _decode_call(subject, batch, seq_len, settings.backend, device, gen)
+    else:
+        call, state_holder = _generate_call(subject, batch, seq_len, settings.new_tokens, settings.backend, device,
+                                            gen)
+    timing = time_calls(call, device, settings.repeats)
+    out: dict[str, Any] = {**timing.to_dict(), **peak_memory(call, device)}
+    seconds = timing.median_ms / 1e3
+    if mode in ("train", "prefill"):
+        out["tokens_per_s"] = batch * seq_len / seconds
+        flops = forward_flops(subject.config, subject.scope, subject.attention_layer, batch, seq_len)
+        out["tflops_per_s"] = (3 if mode == "train" else 1) * flops / seconds / 1e12
+        if settings.profile and device.type == "cuda":
+            out["profile"] = time_breakdown(call, device)
+    else:
+        new_tokens = 1 if mode == "decode" else settings.new_tokens
+        out["tokens_per_s"] = batch * new_tokens / seconds
+        nbytes = subject.state_bytes(state_holder["state"])
+        out["state_bytes_per_sequence"] = None if nbytes is None else nbytes // batch
+    return out
+
+
+def _zero_grads(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def _inputs(subject: Subject, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+            gen: torch.Generator) -> torch.Tensor:
+    if subject.scope == "layer":
+        return torch.randn(batch, seq_len, subject.config.d_model, device=device, dtype=dtype, generator=gen)
+    return torch.randint(0, subject.config.vocab_size, (batch, seq_len), device=device, generator=gen)
+
+
+def _train_call(subject, batch, seq_len, dtype, device, gen):
+    subject.module.train()
+    params = [p for p in subject.module.parameters() if p.requires_grad]
+    inputs = _inputs(subject, batch, seq_len, dtype, device, gen)
+    if subject.scope == "model":
+        def call():
+            _zero_grads(params)
+            subject.loss(inputs).backward()
+        return call
+    x_BTD = inputs.requires_grad_(True)
+    dy_BTD = torch.randn(x_BTD.shape, device=device, dtype=dtype, generator=gen)
+
+    def call():
+        _zero_grads([*params, x_BTD])
+        subject.forward(x_BTD).backward(dy_BTD)
+    return call
+
+
+def _prefill_call(subject, batch, seq_len, dtype, device, gen):
+    subject.module.eval()
+    inputs = _inputs(subject, batch, seq_len, dtype, device, gen)
+    run = subject.forward if subject.scope == "layer" else lambda ids: subject.prefill(ids, None)
+
+    def call():
+        with torch.no_grad():
+            run(inputs)
+    return call
+
+
+def _prefill_prompt(subject: Subject, ids_BT: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Prefill a prompt in the subject's chunks (momctl: 2048 tokens, as `momctl generate`). Returns the last
+    position's logits `[B, W]` and the state."""
+    T = ids_BT.shape[1]
+    chunk = subject.prefill_chunk or T
+    state = None
+    for s in range(0, T, chunk):
+        logits_BTW, state = subject.prefill(ids_BT[:, s:s + chunk], state)
+    return logits_BTW[:, -1], state
+
+
+def _decode_call(subject, batch, seq_len, backend, device, gen):
+    subject.module.eval()
+    step = step_function(subject, backend)
+    ids_BT = _inputs(subject, batch, seq_len, None, device, gen)
+    token_B = torch.randint(0, subject.config.vocab_size, (batch,), device=device, generator=gen)
+    with torch.no_grad():
+        _, state = _prefill_prompt(subject, ids_BT)
+    holder = {"state": state}
+
+    def call():
+        with torch.no_grad():
+            _, holder["state"] = step(token_B, holder["state"])
+    return call, holder
+
+
+def _generate_call(subject, batch, seq_len, new_tokens, backend, device, gen):
+    subject.module.eval()
+    step = step_function(subject, backend)
+    ids_BT = _inputs(subject, batch, seq_len, None, device, gen)
+    holder: dict[str, Any] = {"state": None}
+
+    def call():
+        holder["state"] = None  # the previous call's state is not counted in this call's memory
+        with torch.no_grad():
+            logits_BW, state = _prefill_prompt(subject, ids_BT)
+            token_B = logits_BW.argmax(-1)
+            for _ in range(new_tokens - 1):
+                logits_BW, state = step(token_B, state)
+                token_B = logits_BW.argmax(-1)
+        holder["state"] = state
+    return call, holder
