@@ -58,6 +58,8 @@ def run_bench(settings: BenchSettings, base: ModelConfig, source: str, *, comman
     if any(m in STATE_MODES for m in settings.modes):
         check_backend(settings.backend)
     if device.type == "cuda":
+        if device.index is None:  # "cuda" means the current GPU; set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     doc = new_document(settings, base, source, command)
     tf32 = torch.backends.cuda.matmul.allow_tf32
