@@ -13,10 +13,11 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
+from .export.step import decode_step
 from .losses import balance_loss
 from .mixer import MoMMixer
 from .modules import RMSNorm, SwiGLU
-from .state import InferenceState
+from .state import CACHE_BLOCK, InferenceState, StepState
 
 
 @dataclass
@@ -138,14 +139,24 @@ class MoMForCausalLM(nn.Module):
                               tokens_per_memory=torch.stack(loads) if loads else None, state=new_state)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None,
+    def prefill(self, input_ids: torch.Tensor, state: InferenceState | StepState | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, InferenceState]:
         """Consume any number of tokens `[B, T]`, continuing from `state`. Returns logits `[B, T, W]` and the state."""
+        if isinstance(state, StepState):
+            state = state.to_inference()
         out = self(input_ids, attention_mask=attention_mask, state=state, return_state=True)
         return out.logits, out.state
 
     @torch.no_grad()
-    def step(self, token_ids: torch.Tensor, state: InferenceState) -> tuple[torch.Tensor, InferenceState]:
-        """One token per sequence `[B]` -> logits `[B, W]` and the next state. No host synchronisation."""
-        out = self(token_ids[:, None], state=state, return_state=True)
-        return out.logits[:, 0], out.state
+    def step(self, token_ids: torch.Tensor, state: InferenceState | StepState) -> tuple[torch.Tensor, StepState]:
+        """One token per sequence `[B]` -> logits `[B, W]` and the next state, by the static step
+        (`momctl.export.step.decode_step`): no host synchronisation, and `state` is left as it was.
+
+        A prefill's `InferenceState` is converted first (`StepState.from_inference`); KV caches that are full grow
+        by CACHE_BLOCK positions (a decision on host-side counts, no device read).
+        """
+        if isinstance(state, InferenceState):
+            state = StepState.from_inference(state)
+        elif state.capacity is not None and state.cache_length >= state.capacity:
+            state = state.grown(state.capacity + CACHE_BLOCK)
+        return decode_step(self, token_ids, state)
