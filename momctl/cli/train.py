@@ -74,6 +74,21 @@ def train(
             print(f"stopped early; continue with: momctl train --resume auto --out {out}")
         else:
             print(f"next: momctl generate {out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_worker()
+
+
+def _exit_worker() -> None:
+    """End a torchrun worker without interpreter teardown.
+
+    DistributedDataParallel keeps references to the gloo/NCCL process group that outlive `destroy_process_group`
+    (torch 2.13), so its C++ threads are still running when the interpreter finalises, and one of them sometimes
+    aborts the process ("terminate called without an active exception") after training finished and saved.
+    Everything is written by now; flush and leave.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:
