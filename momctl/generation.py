@@ -16,43 +16,16 @@ from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import MomctlError
 from .model import MoMForCausalLM
+from .sampling import MAX_PROMPT_TOKENS, GenerationStats, SamplingConfig, TextStreams, encode_prompts
+from .state import StepState
+from .state_file import SavedState
 from .tokenizers import load_saved_tokenizer
+
+__all__ = ["GenerationStats", "LoadedModel", "SamplingConfig", "generate", "load_for_inference", "sample_next"]
 
 # Prompts are prefilled in pieces of this many tokens, so prefill memory is bounded whatever the prompt length.
 PREFILL_CHUNK = 2048
-MAX_PROMPT_TOKENS = 1_000_000
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int | None = 50
-    top_p: float = 1.0
-    seed: int = 0
-    num_samples: int = 1
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MomctlError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise MomctlError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise MomctlError(f"--top-k {self.top_k} must be at least 1 (or omitted)")
-        if not 0 < self.top_p <= 1:
-            raise MomctlError(f"--top-p {self.top_p} must be in (0, 1]")
-        if self.num_samples < 1:
-            raise MomctlError(f"--num-samples {self.num_samples} must be at least 1")
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int
-    new_tokens: int
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
-    state_bytes_per_sequence: int
+BACKENDS = ("eager", "compile")
 
 
 @dataclass
@@ -95,71 +68,108 @@ def sample_next(logits_BW: torch.Tensor, sampling: SamplingConfig, generator: to
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits_BW.device)
 
 
+@dataclass
+class GenerationResult:
+    texts: list[str]  # the generated text of each sequence (prompt excluded), prompts-major then samples
+    stats: GenerationStats
+    saved: SavedState | None  # the state after the last token of each sequence, when asked for
+    compile_seconds: float | None = None  # the compile backend's one-off compile time
+
+
 @torch.no_grad()
 def generate(loaded: LoadedModel, prompts: list[str], sampling: SamplingConfig,
-             on_text: Callable[[int, str], None] | None = None) -> tuple[list[str], GenerationStats]:
+             on_text: Callable[[int, str], None] | None = None, *, backend: str = "eager",
+             resume: SavedState | None = None, keep_state: bool = False) -> GenerationResult:
     """Continue each prompt `num_samples` times. `on_text(i, piece)` streams decoded text of sequence i.
 
-    Returns the generated texts (prompt excluded), prompts-major then samples, and timing statistics.
+    Args:
+        loaded: the model and tokenizer.
+        prompts: the prompt texts; with `resume`, the text appended to each saved sequence (may be empty).
+        sampling: sampling settings.
+        on_text: streams text as it is decoded.
+        backend: `eager` (the static step as it is) or `compile` (torch.compile of it).
+        resume: continue these sequences (one per prompt x sample; a single saved sequence is repeated).
+        keep_state: also return the state after every emitted token (a sequence that stopped at EOS keeps the
+            state before its EOS), to save and continue later.
     """
+    if backend not in BACKENDS:
+        raise MomctlError(f"--backend {backend} is not a torch backend; use one of {', '.join(BACKENDS)}")
     model, tokenizer = loaded.model, loaded.tokenizer
     device = model.output_weight.device
-    eos = getattr(tokenizer, "eos_id", None)
-    encoded = [tokenizer.encode(p) for p in prompts for _ in range(sampling.num_samples)]
-    # An empty prompt starts a new document, as after an end-of-document token in training.
-    encoded = [ids if ids else [eos] for ids in encoded]
-    longest = max(len(ids) for ids in encoded)
-    if longest > MAX_PROMPT_TOKENS:
-        raise MomctlError(f"a prompt has {longest} tokens; the limit is {MAX_PROMPT_TOKENS}")
-    B = len(encoded)
-    ids_BT = torch.zeros(B, longest, dtype=torch.long)
-    mask_BT = torch.zeros(B, longest, dtype=torch.long)
-    for i, ids in enumerate(encoded):  # left padding: every sequence ends at the last column
-        ids_BT[i, longest - len(ids):] = torch.tensor(ids)
-        mask_BT[i, longest - len(ids):] = 1
-    ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+    encoded = encode_prompts(tokenizer, prompts, sampling.num_samples, continuing=resume is not None,
+                             max_tokens=MAX_PROMPT_TOKENS)
+    B, longest = len(encoded), max(len(ids) for ids in encoded)
+    if resume is not None:
+        resume = _match_batch(resume, B)
+    ids_BT, mask_BT = _left_pad(encoded, longest, device)
 
     generator = torch.Generator().manual_seed(sampling.seed)
     start = time.perf_counter()
-    state = None
+    state = resume.state if resume is not None else None
+    next_logits_BW = resume.next_logits.to(model.output_weight.dtype) if resume is not None else None
     for s in range(0, longest, PREFILL_CHUNK):
         logits_BTW, state = model.prefill(ids_BT[:, s:s + PREFILL_CHUNK], state, mask_BT[:, s:s + PREFILL_CHUNK])
-    token_B = sample_next(logits_BTW[:, -1], sampling, generator)
+    if longest:
+        has_new_B = torch.tensor([len(ids) > 0 for ids in encoded], device=device)
+        last_BW = logits_BTW[:, -1]
+        next_logits_BW = last_BW if next_logits_BW is None else torch.where(has_new_B[:, None], last_BW,
+                                                                            next_logits_BW)
+    # KV room for every token to come, allocated once: the step never reallocates.
+    state = StepState.from_inference(state, capacity=state.cache_length + sampling.max_new_tokens + 1)
+    token_B = sample_next(next_logits_BW, sampling, generator)
     first_token_s = time.perf_counter() - start
 
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    emitted = [""] * B
-    done = [False] * B
+    step = model.step
+    compile_seconds = None
+    if backend == "compile":
+        from .export.compiled import CompiledStep
+
+        step = CompiledStep(model)
+        compile_seconds = step.warm_up(token_B, state)
+
+    streams = TextStreams(tokenizer, B, sampling.stop_at_eos, on_text)
     decode_start = time.perf_counter()
-    new_tokens = 0
     for n in range(sampling.max_new_tokens):
-        for i, t in enumerate(token_B.tolist()):
-            if done[i]:
-                continue
-            if sampling.stop_at_eos and t == eos:
-                done[i] = True
-                continue
-            out_ids[i].append(t)
-            new_tokens += 1
-            if on_text is not None:
-                text = tokenizer.decode(out_ids[i])
-                # Hold back a trailing replacement char: it may be half of a multi-byte character.
-                stable = text[:-1] if text.endswith("\ufffd") else text
-                if len(stable) > len(emitted[i]):
-                    on_text(i, stable[len(emitted[i]):])
-                    emitted[i] = stable
-        if all(done) or n == sampling.max_new_tokens - 1:
+        streams.push(token_B.tolist())
+        last = n == sampling.max_new_tokens - 1
+        if streams.all_done or (last and not keep_state):
             break
-        logits_BW, state = model.step(token_B, state)
+        logits_BW, new_state = step(token_B, state)
+        if keep_state and any(streams.done):  # finished sequences keep the state of their text
+            done_B = torch.tensor(streams.done, device=device)
+            new_state = new_state.where(done_B, state)
+            logits_BW = torch.where(done_B[:, None], next_logits_BW, logits_BW)
+        state, next_logits_BW = new_state, logits_BW
+        if last:
+            break
         token_B = sample_next(logits_BW, sampling, generator)
     decode_s = time.perf_counter() - decode_start
-    texts = [tokenizer.decode(ids) for ids in out_ids]
-    if on_text is not None:
-        for i, text in enumerate(texts):
-            if len(text) > len(emitted[i]):
-                on_text(i, text[len(emitted[i]):])
-    stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded), new_tokens=new_tokens,
+    texts = streams.finish()
+    stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded), new_tokens=streams.new_tokens,
                             time_to_first_token_s=first_token_s,
-                            decode_tokens_per_s=new_tokens / max(decode_s, 1e-9),
+                            decode_tokens_per_s=streams.new_tokens / max(decode_s, 1e-9),
                             state_bytes_per_sequence=state.nbytes // B)
-    return texts, stats
+    saved = SavedState(state.to_inference(), next_logits_BW.float()) if keep_state else None
+    return GenerationResult(texts, stats, saved, compile_seconds)
+
+
+def _match_batch(resume: SavedState, batch_size: int) -> SavedState:
+    """The saved sequences for `batch_size` sequences: as many as saved, or a single one repeated."""
+    if resume.batch_size == batch_size:
+        return resume
+    if resume.batch_size == 1:
+        return resume.repeat(batch_size)
+    raise MomctlError(f"the loaded state holds {resume.batch_size} sequences but this run has {batch_size} "
+                      f"(prompts x samples): pass {resume.batch_size} prompts, or save a single sequence")
+
+
+def _left_pad(encoded: list[list[int]], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask `[B, length]`, each sequence ending at the last column."""
+    B = len(encoded)
+    ids_BT = torch.zeros(B, length, dtype=torch.long)
+    mask_BT = torch.zeros(B, length, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        if ids:
+            ids_BT[i, length - len(ids):] = torch.tensor(ids)
+            mask_BT[i, length - len(ids):] = 1
+    return ids_BT.to(device), mask_BT.to(device)

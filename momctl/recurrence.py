@@ -56,36 +56,6 @@ def memory_update(
     return fn(q, k, v, decay, **kwargs)
 
 
-def memory_step(
-    update_rule: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor | None,
-    g: torch.Tensor | None,
-    state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of `update_rule`'s recurrence (q/k L2 norm, scale K**-0.5) in plain PyTorch ops, whatever the
-    device: the static decode step, which torch.compile and the ONNX exporter trace.
-
-    Args:
-        q, k: `[N, H, K]`; v: `[N, H, V]`; beta, g: `[N, H]` (as in `memory_update`).
-        state: `[N, H, K, V]`.
-
-    Returns:
-        o `[N, H, V]` in v.dtype and the new state `[N, H, K, V]` in the compute dtype (at least fp32).
-    """
-    delta, decay = rule_terms(update_rule, g)
-    q, k, v = q[:, None], k[:, None], v[:, None]
-    decay = decay[:, None] if decay is not None else None
-    kwargs = dict(initial_state=state, output_final_state=True)
-    if delta:
-        o, new_state = recurrent_gated_delta_rule_ref(q, k, v, beta[:, None], decay, **kwargs)
-    else:
-        o, new_state = recurrent_gated_rule_ref(q, k, v, decay, **kwargs)
-    return o[:, 0], new_state
-
-
 def rule_terms(update_rule: str, g: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
     """Whether the rule is a delta rule, and the log decay it uses (None for `delta` and `linear`)."""
     return update_rule in ("gated_delta", "delta"), g if update_rule in ("gated_delta", "gated") else None

@@ -60,6 +60,11 @@ class InferenceState:
         """Bytes held, all sequences together."""
         return sum(layer.nbytes for layer in self.layers) + self.positions.nbytes
 
+    @property
+    def cache_length(self) -> int:
+        """Positions in the longest KV cache (0 without attention layers)."""
+        return max((layer.keys.shape[2] for layer in self.layers if isinstance(layer, AttentionState)), default=0)
+
 
 @dataclass
 class KVCache:
@@ -113,7 +118,7 @@ class StepState:
                 up to the next multiple of CACHE_BLOCK with room for one more token.
         """
         kv = [layer for layer in state.layers if isinstance(layer, AttentionState)]
-        length = max((layer.keys.shape[2] for layer in kv), default=0)
+        length = state.cache_length
         if capacity is None:
             capacity = (length // CACHE_BLOCK + 1) * CACHE_BLOCK
         if kv and capacity < length:
@@ -145,13 +150,25 @@ class StepState:
         flat = [t for layer in self.layers for t in vars(layer).values()]
         return [*flat, self.positions]
 
-    def with_tensors(self, tensors: list[torch.Tensor], cache_length: int) -> StepState:
-        """A state of the same layout holding `tensors` (in the order of `tensors()`)."""
-        it = iter(tensors)
-        layers = [type(layer)(next(it), next(it)) for layer in self.layers]
-        positions = next(it)
-        assert next(it, None) is None, "more tensors than the state has"
-        return StepState(layers=layers, positions=positions, cache_length=cache_length)
+    @property
+    def layout(self) -> tuple[type, ...]:
+        """The kind of each layer's state (`MemoryState` or `KVCache`): with `tensors()`, all that makes a state."""
+        return tuple(type(layer) for layer in self.layers)
+
+    @classmethod
+    def from_tensors(cls, layout: tuple[type, ...], tensors: list[torch.Tensor], cache_length: int) -> StepState:
+        """The state of `layout` holding `tensors` (in the order of `tensors()`)."""
+        assert len(tensors) == 2 * len(layout) + 1, "one pair of tensors per layer, then positions"
+        layers = [kind(tensors[2 * i], tensors[2 * i + 1]) for i, kind in enumerate(layout)]
+        return cls(layers=layers, positions=tensors[-1], cache_length=cache_length)
+
+    def where(self, keep_B: torch.Tensor, old: StepState) -> StepState:
+        """This state, except the sequences with `keep_B [B]` True, which keep their `old` state."""
+        def pick(new_t: torch.Tensor, old_t: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep_B.reshape(-1, *[1] * (new_t.dim() - 1)), old_t, new_t)
+
+        tensors = [pick(n, o) for n, o in zip(self.tensors(), old.tensors(), strict=True)]
+        return StepState.from_tensors(self.layout, tensors, self.cache_length)
 
 
 def _compact(cache: AttentionState, capacity: int) -> KVCache:

@@ -34,3 +34,23 @@ def random_model(config: ModelConfig, seed: int = 0, dtype=torch.float64) -> MoM
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return model.to(dtype).eval()
+
+
+_TRAINED = {}
+
+
+def trained_tiny_run(tmp_path_factory):
+    """A `tiny` model trained for 40 steps (enough to write varied text), once per test session."""
+    if "run" not in _TRAINED:
+        from momctl.run_config import build_run_config
+        from momctl.training import train
+
+        folder = tmp_path_factory.mktemp("trained")
+        corpus = folder / "corpus.txt"
+        corpus.write_text("\n".join(f"Entry {i}: routers pick memories." for i in range(300)), encoding="utf-8")
+        run, explicit = build_run_config("tiny", flags={"data.source": str(corpus), "data.seq_len": 32,
+                                                         "train.batch_size": 4, "train.steps": 40,
+                                                         "train.save_every": 40})
+        train(run, folder / "run", explicit=explicit, reporter=lambda *_: None)
+        _TRAINED["run"] = folder / "run"
+    return _TRAINED["run"]

@@ -140,21 +140,86 @@ def test_a_failing_cell_is_reported_and_the_command_fails_at_the_end(monkeypatch
     assert "mom: error (RuntimeError: kernel exploded)" in result.stdout
 
 
-def test_backend_hook_uses_momctl_export_when_it_offers_a_step(monkeypatch):
-    result = runner.invoke(app, ["bench", *TINY, "--mode", "decode", "--backend", "compile"])
-    assert isinstance(result.exception, MomctlError) and "not available in this build" in str(result.exception)
-    import momctl.export
+def test_compile_backend_decodes_like_eager(monkeypatch):
+    """The compile backend times CompiledStep (one per model, every cell) on a StepState with KV room."""
+    from momctl.export import compiled
 
-    calls = []
+    made = []
+    real = compiled.CompiledStep
+    monkeypatch.setattr(compiled, "CompiledStep", lambda model, **kw: made.append(model) or real(model, **kw))
+    doc = run_bench(settings(modes="decode", models="mom,transformer", seq_lens="8", batch_sizes="1,2",
+                             backend="compile", repeats=2), get_preset("tiny"), "preset tiny")
+    assert doc["settings"]["backend"] == "compile" and len(made) == 2  # one per model, four cells
+    assert [c["status"] for c in doc["results"]] == ["ok"] * 4
+    assert all(c["tokens_per_s"] > 0 and c["state_bytes_per_sequence"] > 0 for c in doc["results"])
 
-    def decode_step(model, backend):
-        calls.append(backend)
-        return model.step
 
-    monkeypatch.setattr(momctl.export, "decode_step", decode_step, raising=False)
-    doc = run_bench(settings(modes="decode", models="mom", seq_lens="8", batch_sizes="1", backend="onnx"),
-                    get_preset("tiny"), "preset tiny")
-    assert calls == ["onnx"] and doc["results"][0]["status"] == "ok"
+def test_onnx_backend_decodes_and_generates_through_onnx_runtime(monkeypatch):
+    """The onnx backend exports a bundle once per MoM model (per KV capacity with attention) and steps it in ONNX
+    Runtime from the torch-prefilled state; the bundle folder is gone afterwards."""
+    from momctl.bench import backends
+
+    steps = []
+    real = backends.OnnxStep
+    monkeypatch.setattr(backends, "OnnxStep", lambda model, capacity: steps.append(real(model, capacity)) or steps[-1])
+    doc = run_bench(settings(modes="decode,generate", models="mom,transformer", seq_lens="8", batch_sizes="1",
+                             backend="onnx", repeats=2, new_tokens=4), get_preset("tiny"), "preset tiny")
+    assert [c["status"] for c in doc["results"]] == ["ok"] * 4, doc["results"]
+    assert all(c["tokens_per_s"] > 0 for c in doc["results"])
+    assert len(steps) == 3  # mom: one bundle; transformer: one per capacity (decode, generate)
+    folders = [step._folder for step in steps]
+    steps.clear()
+    import gc
+
+    gc.collect()
+    assert not any(folder.exists() for folder in folders)
+
+
+def test_onnx_step_continues_the_torch_prefill_exactly():
+    """The bundle's logits after a torch prefill equal the eager step's (fp32 on the CPU)."""
+    from momctl.bench.backends import OnnxStep
+
+    model = MoMForCausalLM(get_preset("tiny").replace(num_layers=2, attention_layers=(1,))).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, prefilled = model.prefill(ids[:, :8])
+        want, _ = model.step(ids[:, 8], prefilled)
+    step = OnnxStep(model, capacity=16)
+    got, _ = step(ids[:, 8], prefilled)
+    step.close()
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_layer_scope_decode_times_one_layer_step(backend):
+    doc = run_bench(settings(modes="decode", models="mom,transformer", scope="layer", seq_lens="8",
+                             batch_sizes="1,2", backend=backend, repeats=2), get_preset("tiny"), "preset tiny")
+    assert doc["settings"]["scope"] == "layer"
+    assert [c["status"] for c in doc["results"]] == ["ok"] * 4
+    assert all(c["tokens_per_s"] > 0 for c in doc["results"])
+    onnx = run_bench(settings(modes="decode", models="mom", scope="layer", seq_lens="8", batch_sizes="1",
+                              backend="onnx"), get_preset("tiny"), "preset tiny")
+    assert onnx["results"][0]["status"] == "skipped" and "whole models" in onnx["results"][0]["reason"]
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_layer_step_continues_the_layer_prefill(attention):
+    """layer_step after layer_prefill of T tokens == the prefill of T + 1 tokens at the last position."""
+    from momctl.attention import Attention
+    from momctl.bench.layer_decode import layer_prefill, layer_step
+    from momctl.mixer import MoMMixer
+    from momctl.state import StepState
+
+    config = get_preset("tiny").replace(num_layers=1, attention_layers=(0,) if attention else ())
+    torch.manual_seed(0)
+    layer = (Attention(config) if attention else MoMMixer(config)).double().eval()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = layer_prefill(layer, x, None)
+        _, state = layer_prefill(layer, x[:, :8], None)
+        got, after = layer_step(layer, x[:, 8], StepState.from_inference(state, capacity=16))
+    assert torch.allclose(got, want[:, -1], atol=1e-10)
+    assert after.positions.tolist() == [9, 9]
 
 
 def test_state_sizes_and_crossover_match_the_real_state():
@@ -184,7 +249,7 @@ def test_quantiles():
     (dict(models="mom,mamba"), ["unknown model 'mamba'", "reference"]),
     (dict(models=","), ["--models", "names nothing"]),
     (dict(modes="fast"), ["unknown mode 'fast'", "generate"]),
-    (dict(modes="decode", scope="layer"), ["--mode decode", "drop --layer"]),
+    (dict(modes="generate", scope="layer"), ["--mode generate", "drop --layer"]),
     (dict(batch_tokens=64, batch_sizes="2"), ["--batch-tokens and --batch-size", "choose one"]),
     (dict(batch_sizes="2,x"), ["--batch-size", "'x'"]),
     (dict(baseline="gdn"), ["--baseline 'gdn'", "--models"]),

@@ -1,35 +1,77 @@
-"""Pure-PyTorch reference of one decode step on a slot-indexed state (the truth for `fused_step.py`)."""
-# Shapes: B batch, A touched slots per row, S slots, H heads, K key dim, V value dim.
+"""Pure-PyTorch reference of one MoM decode step on slot-indexed states (the truth for `fused_step.py`)."""
+# Shapes: B batch, P packed projection columns, E routed memories, S slots, H heads, K key dim, V value dim,
+# C conv channels (q | k | v).
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def recurrent_step_ref(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | None, g: Tensor | None, state: Tensor,
-                       slots: Tensor, *, delta: bool, scale: float | None = None,
-                       use_qk_l2norm: bool = True) -> tuple[Tensor, Tensor]:
-    """Advance slots `slots [B, A]` of `state [B, S, H, K, V]` by one token each; the other slots are copied.
+def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
+                 dt_bias: Tensor | None, memory: Tensor, conv: Tensor, *, num_memories: int, top_k: int, delta: bool,
+                 conv_every_slot: bool = False, scale: float | None = None,
+                 out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Every slot computed, the touched ones kept: arguments and results as `fused_mom_step` (in at least fp32).
 
-    Per touched slot, with alpha = exp(g) (1 without g) and u = beta (v - alpha S^T k) (delta) or v (otherwise):
-    S' = alpha S + k u^T, o = scale S'^T q. q, k `[B, A, H, K]`, v `[B, A, H, V]`, beta, g `[B, A, H]`.
-    Returns o `[B, A, H, V]` in v.dtype and the new state (a new tensor, at least fp32; `state` is untouched).
+    Routing: softmax of the E router logits, top k, renormalised (ties as torch.topk breaks them); the shared slot
+    (s >= E) always, weight 1. Per slot: y = SiLU(conv([window, u])) for u = (q, k_s, v_s), q and k L2-normalised,
+    alpha = exp(-exp(A_log) softplus(a_s + dt_bias)) (1 without decay), u' = beta_s (v - alpha S^T k) (delta rule,
+    beta_s = sigmoid(b_s)) or v; S' = alpha S + k u'^T, o = w_s scale S'^T q.
     """
-    B, A, H, K = q.shape
+    B, S, H, K, V = memory.shape
+    E = num_memories
+    HK, HV = H * K, H * V
     scale = K ** -0.5 if scale is None else scale
-    dtype = v.dtype
-    q, k, v = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (q, k, v))
-    if use_qk_l2norm:
-        q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + 1e-6)
-        k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + 1e-6)
-    index = slots.long()[:, :, None, None, None].expand(B, A, H, K, state.shape[-1])
-    S = state.to(v.dtype).gather(1, index)  # [B, A, H, K, V]
-    if g is not None:
-        S = g.to(v.dtype).exp()[..., None, None] * S
-    u = v
+    x = proj.to(torch.promote_types(proj.dtype, torch.float32))
+    f = x.dtype
+
+    if E > 1:
+        probs_BE = x[:, columns.gate:columns.gate + E].softmax(-1)
+        top_w, top_i = probs_BE.topk(top_k, dim=-1)
+        weight_BE = torch.zeros_like(probs_BE).scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
+        touched_BE = torch.zeros_like(probs_BE, dtype=torch.bool).scatter(-1, top_i, True)
+    else:
+        weight_BE, touched_BE = x.new_ones(B, 1), torch.ones(B, 1, dtype=torch.bool, device=x.device)
+    weight_BS = torch.cat([weight_BE, x.new_ones(B, S - E)], dim=1)
+    touched_BS = torch.cat([touched_BE, touched_BE.new_ones(B, S - E)], dim=1)
+
+    def block(start: int, width: int) -> Tensor:
+        """Columns start .. start + S * width as `[B, S, width]`."""
+        return x[:, start:start + S * width].reshape(B, S, width)
+
+    u_BSC = torch.cat([x[:, columns.q:columns.q + HK, None].transpose(1, 2).expand(B, S, HK),
+                       block(columns.k, HK), block(columns.v, HV)], dim=-1)
+    w_CW = torch.cat([w.reshape(w.shape[0], -1) for w in conv_weights]).to(f)
+    full_BSWC = torch.cat([conv.to(f), u_BSC[:, :, None]], dim=2)
+    y_BSC = F.silu((full_BSWC * w_CW.T).sum(2))
+    advance_BS = touched_BS | conv_every_slot
+    new_conv = torch.where(advance_BS[..., None, None], full_BSWC[:, :, 1:], conv.to(f))
+
+    q, k, v = y_BSC.split([HK, HK, HV], dim=-1)
+    q, k = (_l2norm(t.reshape(B, S, H, K)) for t in (q, k))
+    v = v.reshape(B, S, H, V)
+    state = memory.to(f)
+    if A_log is not None:
+        g = -A_log.to(f).exp() * F.softplus(block(columns.a, H) + dt_bias.to(f))
+        state = g.exp()[..., None, None] * state
     if delta:
-        u = beta.to(v.dtype)[..., None] * (v - torch.einsum("bahkv,bahk->bahv", S, k))
-    S = S + k[..., :, None] * u[..., None, :]
-    o = scale * torch.einsum("bahkv,bahk->bahv", S, q)
-    return o.to(dtype), state.to(S.dtype).scatter(1, index, S)
+        beta = block(columns.b, H).sigmoid()
+        v = beta[..., None] * (v - _apply(state, k))
+    state = state + k[..., :, None] * v[..., None, :]
+    o = scale * _apply(state, q) * weight_BS[..., None, None]
+    o = torch.where(touched_BS[..., None, None], o, 0)
+    new_memory = torch.where(touched_BS[..., None, None, None], state, memory.to(f))
+    if out is not None:
+        return o, out[0].copy_(new_memory), out[1].copy_(new_conv)
+    return o, new_memory, new_conv
+
+
+def _l2norm(x: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+
+
+def _apply(state_NKV: Tensor, x_NK: Tensor) -> Tensor:
+    """x^T S per (b, s, h): a batched matrix-vector product (no einsum: ONNX Runtime's CUDA Einsum is slow)."""
+    return torch.matmul(x_NK.unsqueeze(-2), state_NKV).squeeze(-2)

@@ -1,43 +1,131 @@
-"""The decoding step a benchmark times: `eager` is the model's own `step`; `compile` and `onnx` come from
-momctl.export when this build has them.
+"""The decoding step a benchmark times, per `--backend`:
 
-This is the one place that knows the backends: momctl.export is expected to offer
-`decode_step(model, backend) -> step(ids [B], state) -> (logits [B, W], state)`; until it does, asking for another
-backend than eager is a one-line error.
+- `eager`: the model's own `step` (the static step in PyTorch).
+- `compile`: `momctl.export.compiled.CompiledStep` (torch.compile; on CUDA ping-pong CUDA graphs), made once per
+  model; the prefilled state becomes a `StepState` with KV room for every step the cell makes.
+- `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
+  with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
+  its state is handed to the bundle's layout. The bundle is deleted with the step.
+
+At layer scope (`--layer --mode decode`) the step is one layer's (bench/layer_decode.py) on random activations:
+eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only (their
+cells are skipped by run.py).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import MomctlError
-from .models import Subject
+from .models import Subject, Unavailable
 
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 
 def check_backend(backend: str) -> None:
-    """MomctlError now, before any measurement, when `backend` is not available in this build."""
-    if backend != "eager" and _export_decode_step() is None:
-        raise MomctlError(f"--backend {backend} is not available in this build (momctl.export has no decode_step); "
-                          "use --backend eager")
+    """MomctlError now, before any measurement, when `backend` cannot run here (settings.py checks the name)."""
+    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise MomctlError("--backend onnx needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu for CUDA)")
 
 
-def step_function(subject: Subject, backend: str) -> StepFn:
-    """The step of `subject` under `backend`; MomctlError when this build has no such backend."""
-    assert subject.step is not None, "decoding needs a model-scope subject"
+def step_function(subject: Subject, backend: str, capacity: int) -> StepFn:
+    """The step of `subject` under `backend`. `capacity`: KV-cache positions the cell's steps can reach (prompt +
+    every step the cell makes)."""
+    assert subject.step is not None, "decoding needs a subject with a step"
     if backend == "eager":
-        return subject.step
-    check_backend(backend)
-    return _export_decode_step()(subject.module, backend)
+        return subject.step if subject.scope == "model" or subject.is_reference else _with_step_state(
+            subject.step, capacity)
+    if backend == "compile":
+        return _compiled_step(subject, capacity)
+    if subject.scope == "layer":
+        raise Unavailable("the onnx backend exports whole models; use --model")
+    key = ("onnx", capacity if subject.config.attention_layers else 0)  # a MoM state does not grow: one export
+    if key not in subject.backends:
+        subject.backends[key] = OnnxStep(subject.module, capacity)
+    return subject.backends[key]
 
 
-def _export_decode_step():
-    try:
-        from .. import export
-    except ImportError:
-        return None
-    return getattr(export, "decode_step", None)
+def _compiled_step(subject: Subject, capacity: int) -> StepFn:
+    from ..export.compiled import CompiledStep
+    from ..export.step import decode_step
+    from .layer_decode import layer_step
+
+    # Each model, batch size and KV capacity compiles the step anew; a sweep makes more than dynamo's default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if "compile" not in subject.backends:  # one CompiledStep per model: its graphs serve every cell
+        subject.backends["compile"] = CompiledStep(subject.module,
+                                                   step_fn=decode_step if subject.scope == "model" else layer_step)
+    return _with_step_state(subject.backends["compile"], capacity)
+
+
+def _with_step_state(step: StepFn, capacity: int) -> StepFn:
+    """`step` taking a prefill's state too: converted once to a `StepState` with KV room for `capacity`."""
+    from ..state import StepState
+
+    def with_state(inputs: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        if not isinstance(state, StepState):
+            state = StepState.from_inference(state, capacity=capacity)
+        return step(inputs, state)
+    return with_state
+
+
+class OnnxStep:
+    """The model as an ONNX bundle under ONNX Runtime, stepped like `MoMForCausalLM.step`: `state` is the torch
+    prefill state on the first call, then the returned `OnnxState` (the runtime's ping-pong buffers)."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+        from ..export.onnx_export import DEFAULT_MAX_LENGTH, export_bundle
+        from ..export.runtime import OnnxBundle
+        from ..tokenizers import ByteTokenizer
+
+        self.device = model.output_weight.device
+        self._folder = Path(tempfile.mkdtemp(prefix="momctl-bench-onnx-"))
+        cpu_model = copy.deepcopy(model).float().cpu()
+        on_cuda = self.device.type == "cuda"
+        try:
+            export_bundle(cpu_model, ByteTokenizer(), self._folder / "bundle", dtype="fp16" if on_cuda else "fp32",
+                          max_length=capacity if model.config.attention_layers else DEFAULT_MAX_LENGTH,
+                          verify_steps=2)
+            self.bundle = OnnxBundle(self._folder / "bundle", device="cuda" if on_cuda else "cpu")
+        except BaseException:
+            self.close()
+            raise
+        self.capacity = capacity
+
+    def __call__(self, token_ids_B: torch.Tensor, state: Any) -> tuple[torch.Tensor, OnnxState]:
+        if not isinstance(state, OnnxState):
+            state = OnnxState(self.bundle.stepper(self._onnx_state(state)), self.bundle.state_bytes(
+                token_ids_B.shape[0]))
+        logits = state.stepper.step(token_ids_B.cpu().numpy())
+        return torch.from_numpy(logits).to(self.device), state
+
+    def _onnx_state(self, state) -> dict:
+        """A torch prefill state in the bundle's input names and layouts (numpy)."""
+        from ..export.onnx_io import to_onnx_layout
+        from ..state import StepState
+
+        step_state = StepState.from_inference(state, capacity=self.capacity if self.bundle.max_length else None)
+        names = (["position_ids"] if self.bundle.has_positions else []) + [p["input"] for p in self.bundle.state]
+        return {name: t.detach().cpu().numpy() for name, t in zip(names, to_onnx_layout(step_state), strict=True)}
+
+    def close(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class OnnxState:
+    """The runtime's stepper (its state lives in its buffers) and the state's size."""
+
+    def __init__(self, stepper, nbytes: int) -> None:
+        self.stepper = stepper
+        self.nbytes = nbytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from ..fla_compat import config_to_fla
 from ..generation import PREFILL_CHUNK
 from ..mixer import MoMMixer
 from ..model import MoMForCausalLM
+from .layer_decode import layer_prefill, layer_step
 
 FLA_MODELS = ("reference", "reference-gdn")
 FLA_INSTALL = "pip install 'momctl[reference]'"
@@ -62,6 +63,7 @@ class Subject:
     step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
     prefill_chunk: int | None = None  # prompts are prefilled in pieces of this many tokens (None: in one call)
     is_reference: bool = False
+    backends: dict = field(default_factory=dict)  # compiled / exported steps, made once per model (backends.py)
     attention_layer: bool = False  # layer scope: a softmax attention layer (FLOP count)
 
     def state_bytes(self, state: Any) -> int | None:
@@ -103,6 +105,8 @@ def _layer(name: str, config: ModelConfig, device: torch.device, dtype: torch.dt
             valid_BT = torch.ones(x_BTD.shape[:2], dtype=torch.bool, device=x_BTD.device)
             return layer(x_BTD, valid_BT, None, False).y_BTD
     return Subject(name=name, scope="layer", module=layer, config=config, forward=forward,
+                   prefill=torch.no_grad()(lambda x, state: layer_prefill(layer, x, state)),
+                   step=torch.no_grad()(lambda x, state: layer_step(layer, x, state)),
                    attention_layer=name == "transformer")
 
 
@@ -151,10 +155,21 @@ def _build_fla(name: str, config: ModelConfig, scope: str, device: torch.device,
     with torch.device(device):
         model = make()
     if scope == "layer":
+        from fla.models.utils import Cache
+
         layer = model.model.layers[0].attn.to(dtype)
         del model
+
+        def layer_prefill(x_BTD: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+            out = layer(x_BTD, past_key_values=Cache() if cache is None else cache, use_cache=True)
+            return out[0], out[2]
+
+        def layer_step(x_BD: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+            out = layer(x_BD[:, None], past_key_values=cache, use_cache=True)
+            return out[0][:, 0], out[2]
+
         return Subject(name=name, scope="layer", module=layer, config=config, forward=lambda x: layer(x)[0],
-                       is_reference=True)
+                       prefill=torch.no_grad()(layer_prefill), step=torch.no_grad()(layer_step), is_reference=True)
     model = model.to(dtype)
 
     def prefill(ids_BT: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

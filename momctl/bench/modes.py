@@ -22,7 +22,7 @@ from .flops import forward_flops
 from .models import Subject
 from .profile import time_breakdown
 from .settings import BenchSettings
-from .timing import peak_memory, time_calls
+from .timing import WARMUP_CALLS, peak_memory, time_calls
 
 
 def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: BenchSettings,
@@ -34,7 +34,7 @@ def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: Ben
     elif mode == "prefill":
         call = _prefill_call(subject, batch, seq_len, settings.torch_dtype, device, gen)
     elif mode == "decode":
-        call, state_holder = _decode_call(subject, batch, seq_len, settings.backend, device, gen)
+        call, state_holder = _decode_call(subject, batch, seq_len, settings, device, gen)
     else:
         call, state_holder = _generate_call(subject, batch, seq_len, settings.new_tokens, settings.backend, device,
                                             gen)
@@ -107,11 +107,15 @@ def _prefill_prompt(subject: Subject, ids_BT: torch.Tensor) -> tuple[torch.Tenso
     return logits_BTW[:, -1], state
 
 
-def _decode_call(subject, batch, seq_len, backend, device, gen):
+def _decode_call(subject, batch, seq_len, settings, device, gen):
     subject.module.eval()
-    step = step_function(subject, backend)
-    ids_BT = _inputs(subject, batch, seq_len, None, device, gen)
-    token_B = torch.randint(0, subject.config.vocab_size, (batch,), device=device, generator=gen)
+    # KV room for every step of the cell: warm-up, repeats, the peak-memory call, and a margin
+    step = step_function(subject, settings.backend, seq_len + WARMUP_CALLS + settings.repeats + 8)
+    ids_BT = _inputs(subject, batch, seq_len, settings.torch_dtype, device, gen)
+    if subject.scope == "layer":  # one activation per sequence
+        token_B = torch.randn(batch, subject.config.d_model, device=device, dtype=settings.torch_dtype, generator=gen)
+    else:
+        token_B = torch.randint(0, subject.config.vocab_size, (batch,), device=device, generator=gen)
     with torch.no_grad():
         _, state = _prefill_prompt(subject, ids_BT)
     holder = {"state": state}
@@ -124,7 +128,7 @@ def _decode_call(subject, batch, seq_len, backend, device, gen):
 
 def _generate_call(subject, batch, seq_len, new_tokens, backend, device, gen):
     subject.module.eval()
-    step = step_function(subject, backend)
+    step = step_function(subject, backend, seq_len + new_tokens + 1)
     ids_BT = _inputs(subject, batch, seq_len, None, device, gen)
     holder: dict[str, Any] = {"state": None}
 

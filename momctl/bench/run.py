@@ -113,6 +113,8 @@ def run_cell(subject: Subject, mode: str, seq_len: int, batch: int, settings: Be
         result = {"status": "ok", **measure(subject, mode, seq_len, batch, settings, device)}
     except torch.cuda.OutOfMemoryError:
         pass  # handled below, after the exception (and the tensors its frames hold) is gone
+    except Unavailable as why:
+        result = {"status": "skipped", "reason": str(why)}
     except MomctlError:
         raise
     except Exception as err:

@@ -139,9 +139,9 @@ def resolve_settings(*, device: torch.device, modes: str, models: str | None, se
     state_modes = [m for m in mode_names if m in STATE_MODES]
     if scope is None:
         scope = "model" if state_modes else "layer"
-    if scope == "layer" and state_modes:
-        raise MomctlError(f"--mode {state_modes[0]} runs the whole model (it needs the recurrent state); "
-                          "drop --layer or use --mode train,prefill")
+    if scope == "layer" and "generate" in state_modes:
+        raise MomctlError("--mode generate runs the whole model (prompt, then sampled tokens); drop --layer or use "
+                          "--mode train,prefill,decode")
     if batch_tokens is not None and batch_sizes is not None:
         raise MomctlError("--batch-tokens and --batch-size both given; choose one (--batch-tokens sets "
                           "batch = tokens // seq_len in train/prefill)")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import MomctlError
-from . import bench, data, generate, info, presets, smoke, train
+from . import bench, data, export, generate, info, presets, smoke, train
 
 app = typer.Typer(name="momctl", help="Train, run, measure and ship Mixture-of-Memories language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -19,6 +19,7 @@ app.command("train")(train.train)
 app.command("generate")(generate.generate_command)
 app.command("info")(info.info)
 app.add_typer(data.app, name="data")
+app.add_typer(export.app, name="export")
 app.command("presets")(presets.presets)
 app.command("smoke")(smoke.smoke)
 app.command("bench")(bench.bench)

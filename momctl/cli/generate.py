@@ -1,4 +1,4 @@
-"""`momctl generate`: sample text from a run or checkpoint with constant-memory recurrent decoding."""
+"""`momctl generate`: sample text from a run or checkpoint (or an ONNX bundle) with constant-memory decoding."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..devices import resolve_device
 from ..errors import MomctlError
-from ..generation import SamplingConfig, generate, load_for_inference
+from ..sampling import SamplingConfig
 
 err = Console(stderr=True, soft_wrap=True)
+BACKENDS = ("eager", "compile", "onnx")
 
 
 def generate_command(
-    run: Annotated[str, typer.Argument(help="A run folder (its latest checkpoint) or a checkpoint folder.")],
+    run: Annotated[str, typer.Argument(help="A run folder (its latest checkpoint), a checkpoint folder, or with "
+                                            "--backend onnx a bundle folder from `momctl export onnx`.")],
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt text (repeat for a batch).")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 256,
@@ -27,11 +28,15 @@ def generate_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    backend: Annotated[str, typer.Option("--backend", help="Decoding backend: eager.")] = "eager",
+    backend: Annotated[str, typer.Option("--backend", help="Decoding backend: eager, compile or onnx.")] = "eager",
+    save_state: Annotated[Path | None, typer.Option("--save-state", help="Write the state after the generated "
+                                                    "text to this file (continue it with --load-state).")] = None,
+    load_state: Annotated[Path | None, typer.Option("--load-state", help="Continue the sequences saved in this "
+                                                    "file; the prompt is appended to them.")] = None,
 ) -> None:
     """Continue a prompt (--prompt, --prompt-file, or standard input) and stream the text to stdout."""
-    if backend != "eager":
-        raise MomctlError(f"--backend {backend} is not available yet; use --backend eager")
+    if backend not in BACKENDS:
+        raise MomctlError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
     prompts = list(prompt or [])
     if prompt_file is not None:
         try:
@@ -44,7 +49,10 @@ def generate_command(
         prompts = [""]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, num_samples=num_samples)
-    loaded = load_for_inference(run, resolve_device(device))
+    if backend == "onnx":
+        run_generation = _onnx(run, prompts, sampling, device, save_state, load_state)
+    else:
+        run_generation = _torch(run, prompts, sampling, device, backend, save_state, load_state)
     streaming = len(prompts) * num_samples == 1
     if streaming:
         sys.stdout.write(prompts[0])
@@ -53,7 +61,7 @@ def generate_command(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    texts, stats = generate(loaded, prompts, sampling, on_text=stream if streaming else None)
+    texts, stats, source = run_generation(stream if streaming else None)
     if streaming:
         sys.stdout.write("\n")
     else:
@@ -63,4 +71,49 @@ def generate_command(
     sys.stdout.flush()
     err.print(f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:,.1f} tokens/s, first token after "
               f"{stats.time_to_first_token_s * 1000:.0f} ms, state {stats.state_bytes_per_sequence / 2**20:.2f} MiB "
-              f"per sequence ({loaded.checkpoint})", highlight=False)
+              f"per sequence ({source})", highlight=False)
+
+
+def _torch(run, prompts, sampling, device, backend, save_state, load_state):
+    """Load the checkpoint (and state); returns the function that generates, given the streaming callback."""
+    from ..devices import resolve_device
+    from ..generation import generate, load_for_inference
+    from ..state_file import check_writable
+    from ..state_file import load_state as read_state
+    from ..state_file import save_state as write_state
+
+    if save_state is not None:
+        check_writable(save_state)
+    loaded = load_for_inference(run, resolve_device(device))
+    config = loaded.model.config
+    resume = None
+    if load_state is not None:
+        resume = read_state(load_state, config, loaded.tokenizer, loaded.model.output_weight.device)
+
+    def run_generation(on_text):
+        result = generate(loaded, prompts, sampling, on_text=on_text, backend=backend, resume=resume,
+                          keep_state=save_state is not None)
+        if result.compile_seconds is not None:
+            err.print(f"compiled the decode step in {result.compile_seconds:.1f} s", highlight=False)
+        if save_state is not None:
+            write_state(save_state, result.saved, config, loaded.tokenizer)
+            err.print(f"saved the state to {save_state}", highlight=False)
+        return result.texts, result.stats, loaded.checkpoint
+
+    return run_generation
+
+
+def _onnx(run, prompts, sampling, device, save_state, load_state):
+    """Load the bundle; returns the function that generates, given the streaming callback."""
+    from ..export.runtime import OnnxBundle
+
+    if save_state is not None or load_state is not None:
+        raise MomctlError("--save-state and --load-state work with --backend eager or compile, not onnx; drop them "
+                          "or pick another backend")
+    bundle = OnnxBundle(run, device=device)
+
+    def run_generation(on_text):
+        texts, stats = bundle.generate(prompts, sampling, on_text=on_text)
+        return texts, stats, bundle.folder
+
+    return run_generation

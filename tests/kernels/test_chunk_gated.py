@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import DEVICE
+
 from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm
 from momctl.kernels.gated import chunk_gated_rule
 from momctl.kernels.gated.naive import recurrent_gated_rule_ref

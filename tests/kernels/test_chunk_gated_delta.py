@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import DEVICE
+
 from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm
 from momctl.kernels.gated_delta import chunk_gated_delta_rule, wy
 from momctl.kernels.gated_delta.naive import recurrent_gated_delta_rule_ref

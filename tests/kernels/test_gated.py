@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import assert_close
+
 from momctl.kernels.gated.naive import chunk_gated_rule_ref, recurrent_gated_rule_ref
 
 F64 = torch.float64

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from kernel_checks import DEVICE, assert_close
+
 from momctl.kernels.norm import gated_rmsnorm as gn
 from momctl.kernels.norm.naive import gated_rmsnorm_ref
-
 from momctl.modules import GatedRMSNorm
 
 F64 = torch.float64

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import DEVICE, assert_close
+
 from momctl.kernels.conv import short_conv as sc
 from momctl.kernels.conv.naive import short_conv_varlen_ref
-
 from momctl.modules import short_conv
 
 F64 = torch.float64

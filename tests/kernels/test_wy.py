@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import DEVICE, assert_close
+
 from momctl.kernels.common.varlen import chunk_layout
 from momctl.kernels.gated_delta import wy
 from momctl.kernels.gated_delta.naive import recurrent_gated_delta_rule_ref, wy_repr_ref

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import assert_close
+
 from momctl.kernels.common.varlen import chunk_layout
 from momctl.kernels.gated_delta.naive import wy_repr_ref
 
@@ -141,8 +142,9 @@ def test_no_host_sync(wy, gen):
 
 def benchmark():
     """Forward and backward time at the training shape, with the DRAM traffic each implies."""
-    from momctl.kernels.gated_delta import wy
     from triton.testing import do_bench
+
+    from momctl.kernels.gated_delta import wy
 
     gen = torch.Generator().manual_seed(0)
     H, K, V = 4, 256, 256

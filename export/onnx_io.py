@@ -1,0 +1,122 @@
+"""The exported graph's inputs and outputs: their names, shapes and dtypes (the bundle's runtime contract), and the
+graph's body, `decode_step` between the ONNX layouts and `StepState`.
+
+Names follow onnxruntime-genai's convention for recurrent models: per layer i, a MoM layer reads
+`past_key_values.{i}.recurrent_state` `[B, S*H, K, V]` and `past_key_values.{i}.conv_state` `[B, S*C, W-1]` and writes
+`present.{i}.recurrent_state` / `present.{i}.conv_state`; an attention layer reads `past_key_values.{i}.key` /
+`.value` `[B, h, L, d]` and writes `present.{i}.key` / `.value`, and then `position_ids [B]` (the real tokens each
+sequence has seen) is an input. Only the batch axis is dynamic.
+
+Legend: B batch, W vocabulary, S slots (E routed memories + the shared one), H heads, K key head dim, V value head
+dim, C conv channels of one slot, h key/value heads of an attention layer, L KV-cache capacity, d its head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..state import KVCache, MemoryState, StepState
+from .step import decode_step
+
+BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]  # "batch" is the dynamic axis
+    dtype: str  # numpy name: float32, float16, int64
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: fed as `past`, returned as `present` (same shape and dtype)."""
+
+    past: str
+    present: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+
+def state_specs(config: ModelConfig, capacity: int) -> list[StateSpec]:
+    """The state tensors of every layer, in graph order (`capacity` = L, the KV positions of attention layers)."""
+    c = config
+    specs = []
+    for i in range(c.num_layers):
+        if c.is_attention_layer(i):
+            shape = (BATCH, c.attn_num_kv_heads or c.attn_num_heads, capacity, c.d_model // c.attn_num_heads)
+            names = ("key", "value")
+            specs += [StateSpec(f"past_key_values.{i}.{n}", f"present.{i}.{n}", shape) for n in names]
+        else:
+            conv_channels = 2 * c.key_dim + c.value_dim
+            specs += [
+                StateSpec(f"past_key_values.{i}.recurrent_state", f"present.{i}.recurrent_state",
+                          (BATCH, c.num_slots * c.num_heads, c.head_dim, c.head_v_dim)),
+                StateSpec(f"past_key_values.{i}.conv_state", f"present.{i}.conv_state",
+                          (BATCH, c.num_slots * conv_channels, c.conv_size - 1)),
+            ]
+    return specs
+
+
+def io_specs(config: ModelConfig, capacity: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs, in order."""
+    states = state_specs(config, capacity)
+    inputs = [TensorSpec("input_ids", (BATCH,), "int64")]
+    if config.attention_layers:
+        inputs.append(TensorSpec("position_ids", (BATCH,), "int64"))
+    inputs += [TensorSpec(s.past, s.shape, s.dtype) for s in states]
+    outputs = [TensorSpec("logits", (BATCH, config.vocab_size), "float32")]
+    outputs += [TensorSpec(s.present, s.shape, s.dtype) for s in states]
+    return inputs, outputs
+
+
+def to_onnx_layout(state: StepState) -> list[torch.Tensor]:
+    """A `StepState`'s tensors in graph-input order and layouts (fp32; positions first when there is attention)."""
+    flat = [state.positions] if any(isinstance(layer, KVCache) for layer in state.layers) else []
+    for layer in state.layers:
+        if isinstance(layer, KVCache):
+            flat += [layer.keys.float(), layer.values.float()]
+        else:
+            B, S, H, K, V = layer.memory.shape
+            flat += [layer.memory.float().reshape(B, S * H, K, V),
+                     layer.conv.float().transpose(2, 3).reshape(B, -1, layer.conv.shape[2])]
+    return flat
+
+
+class OnnxStep(nn.Module):
+    """The exported function: `(input_ids, [position_ids], *past) -> (logits, *present)` in the ONNX layouts.
+
+    Args:
+        model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state stays fp32.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.has_attention = bool(model.config.attention_layers)
+
+    def forward(self, input_ids: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c = self.model.config
+        B = input_ids.shape[0]
+        positions = flat[0] if self.has_attention else torch.zeros_like(input_ids)
+        past = iter(flat[1:] if self.has_attention else flat)
+        layers = []
+        for i in range(c.num_layers):
+            first, second = next(past), next(past)
+            if c.is_attention_layer(i):
+                layers.append(KVCache(first, second))
+            else:
+                S, C = c.num_slots, 2 * c.key_dim + c.value_dim
+                memory = first.reshape(B, S, c.num_heads, c.head_dim, c.head_v_dim)
+                conv = second.reshape(B, S, C, c.conv_size - 1).transpose(2, 3)
+                layers.append(MemoryState(memory, conv))
+        logits, new_state = decode_step(self.model, input_ids, StepState(layers, positions))
+        present = to_onnx_layout(new_state)[1 if self.has_attention else 0:]
+        return (logits.float(), *present)

@@ -1,0 +1,273 @@
+"""Run an ONNX bundle (`momctl export onnx`) with ONNX Runtime and numpy only: this module never imports torch.
+
+The graph is one decoding step. Its state tensors are fed back each step in ping-pong: two preallocated sets of
+buffers, step t reads set t % 2 and writes the other (IO binding; on the CUDA EP the state never leaves the GPU, only
+the token ids go up and the logits come down). Prompts are fed through the same step, one prompt at a time, and the
+sequences then decode together.
+
+Legend: B batch, W vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import MomctlError
+from ..sampling import GenerationStats, SamplingConfig, TextStreams, encode_prompts
+from ..tokenizers import load_saved_tokenizer
+
+FORMAT = "momctl-onnx-bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+
+
+class OnnxBundle:
+    """An exported bundle, loaded and checked: the manifest, the ONNX Runtime session and the tokenizer.
+
+    Args:
+        folder: the bundle folder.
+        device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when ONNX Runtime has it and the machine has an NVIDIA GPU).
+    """
+
+    def __init__(self, folder: str | Path, device: str = "auto") -> None:
+        self.folder = Path(folder)
+        self.manifest = _read_manifest(self.folder)
+        self.device_type, self.device_id = _pick_device(device)
+        provider = ("CUDAExecutionProvider", {"device_id": self.device_id}) if self.device_type == "cuda" \
+            else "CPUExecutionProvider"
+        if self.device_type == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* wheels (as torch installs them)
+        try:
+            self.session = ort.InferenceSession(str(self.folder / self.manifest["model"]), providers=[provider])
+        except Exception as err:  # ONNX Runtime raises its own exception types for unreadable models
+            raise MomctlError(f"ONNX Runtime cannot load {self.folder / self.manifest['model']} "
+                              f"({_one_line(err)}): the file is corrupt or incomplete; export the bundle again") \
+                from None
+        if self.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise MomctlError("ONNX Runtime could not start its CUDA execution provider (CUDA or cuDNN libraries "
+                              "missing?); install onnxruntime-gpu with its CUDA 12/13 libraries or use --device cpu")
+        _check_graph(self.folder, self.session, self.manifest)
+        self.tokenizer = load_saved_tokenizer(self.folder)
+        self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
+        self.state = self.manifest["state"]  # [{"input": past name, "output": present name}]
+        self.has_positions = "position_ids" in self.inputs
+        self.max_length = self.manifest.get("max_length")
+
+    def init_state(self, batch_size: int) -> dict[str, np.ndarray]:
+        """An empty state (no tokens seen) for `batch_size` sequences: input name -> zeros."""
+        state = {}
+        for pair in self.state:
+            spec = self.inputs[pair["input"]]
+            state[spec["name"]] = np.zeros(_shape(spec, batch_size), dtype=spec["dtype"])
+        if self.has_positions:
+            state["position_ids"] = np.zeros(batch_size, dtype=np.int64)
+        return state
+
+    def step(self, input_ids_B: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One token per sequence with plain numpy arrays: logits `[B, W]` and a new state (`state` is not changed)."""
+        feeds = {"input_ids": np.asarray(input_ids_B, dtype=np.int64), **state}
+        logits_BW, *present = self.session.run(None, feeds)
+        new_state = {pair["input"]: value for pair, value in zip(self.state, present, strict=True)}
+        if self.has_positions:
+            new_state["position_ids"] = state["position_ids"] + 1
+        return logits_BW, new_state
+
+    def stepper(self, state: dict[str, np.ndarray]) -> PingPongStepper:
+        """A stepper that decodes from `state` (`init_state(B)` or a state `step` returned) on the session's device."""
+        return PingPongStepper(self, state)
+
+    def state_bytes(self, batch_size: int) -> int:
+        return sum(a.nbytes for a in self.init_state(batch_size).values())
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig,
+                 on_text: Callable[[int, str], None] | None = None) -> tuple[list[str], GenerationStats]:
+        """Continue each prompt `num_samples` times, as `momctl.generation.generate` does (greedy decoding gives the
+        same tokens; sampling draws from numpy's generator, so samples differ from the torch backends')."""
+        encoded = encode_prompts(self.tokenizer, prompts, sampling.num_samples, continuing=False)
+        longest = max(len(ids) for ids in encoded)
+        if self.max_length is not None and longest + sampling.max_new_tokens > self.max_length:
+            raise MomctlError(f"{longest} prompt tokens + --max-new-tokens {sampling.max_new_tokens} exceed the "
+                              f"bundle's KV cache of {self.max_length} positions; generate fewer tokens or export "
+                              f"with a larger --max-length")
+        rng = np.random.default_rng(sampling.seed)
+        start = time.perf_counter()
+        # Each distinct prompt once, batch 1, then one row per sample.
+        rows, logits_rows = [], []
+        for p in range(len(prompts)):
+            stepper = PingPongStepper(self, self.init_state(1))
+            for token in encoded[p * sampling.num_samples]:
+                logits_1W = stepper.step(np.array([token], dtype=np.int64))
+            rows += [stepper.state()] * sampling.num_samples
+            logits_rows += [logits_1W] * sampling.num_samples
+        state = {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+        token_B = sample_next(np.concatenate(logits_rows), sampling, rng)
+        first_token_s = time.perf_counter() - start
+
+        B = len(encoded)
+        stepper = PingPongStepper(self, state)
+        streams = TextStreams(self.tokenizer, B, sampling.stop_at_eos, on_text)
+        decode_start = time.perf_counter()
+        for n in range(sampling.max_new_tokens):
+            streams.push(token_B.tolist())
+            if streams.all_done or n == sampling.max_new_tokens - 1:
+                break
+            token_B = sample_next(stepper.step(token_B), sampling, rng)
+        decode_s = time.perf_counter() - decode_start
+        texts = streams.finish()
+        stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded), new_tokens=streams.new_tokens,
+                                time_to_first_token_s=first_token_s,
+                                decode_tokens_per_s=streams.new_tokens / max(decode_s, 1e-9),
+                                state_bytes_per_sequence=self.state_bytes(1))
+        return texts, stats
+
+
+class PingPongStepper:
+    """Steps with IO binding over two preallocated state buffers on the session's device (see the module doc): the
+    batch size is fixed by the state it starts from."""
+
+    def __init__(self, bundle: OnnxBundle, state: dict[str, np.ndarray]) -> None:
+        self.bundle = bundle
+        device = (bundle.device_type, bundle.device_id)
+        # Buffers the session owns (an OrtValue made from a numpy array may share the array's memory).
+        self.buffers = [{}, {}]
+        for pair in bundle.state:
+            initial = np.ascontiguousarray(state[pair["input"]])
+            for buffers in self.buffers:
+                buffers[pair["input"]] = ort.OrtValue.ortvalue_from_shape_and_type(initial.shape, initial.dtype,
+                                                                                   *device)
+            self.buffers[0][pair["input"]].update_inplace(initial)
+        self.positions = state["position_ids"].copy() if bundle.has_positions else None
+        batch_size = next(iter(state.values())).shape[0]
+        vocab_size = bundle.manifest["outputs"][0]["shape"][-1]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, vocab_size), np.float32, "cpu", 0)
+        self.current = 0
+        self.binding = bundle.session.io_binding()
+
+    def step(self, input_ids_B: np.ndarray) -> np.ndarray:
+        """Feed one token per sequence; returns the logits `[B, W]` (on the host)."""
+        binding, read, write = self.binding, self.buffers[self.current], self.buffers[1 - self.current]
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids_B, dtype=np.int64))
+        if self.positions is not None:
+            binding.bind_cpu_input("position_ids", self.positions)
+        for pair in self.bundle.state:
+            binding.bind_ortvalue_input(pair["input"], read[pair["input"]])
+            binding.bind_ortvalue_output(pair["output"], write[pair["input"]])
+        binding.bind_ortvalue_output("logits", self.logits)
+        self.bundle.session.run_with_iobinding(binding)
+        logits_BW = self.logits.numpy().copy()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        self.current = 1 - self.current
+        if self.positions is not None:
+            self.positions = self.positions + 1
+        return logits_BW
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state, copied to the host."""
+        state = {name: value.numpy().copy() for name, value in self.buffers[self.current].items()}
+        if self.positions is not None:
+            state["position_ids"] = self.positions.copy()
+        return state
+
+
+def sample_next(logits_BW: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """Greedy at temperature 0, else temperature, top-k and top-p (nucleus) sampling. Returns ids `[B]` (int64)."""
+    if sampling.temperature == 0:
+        return logits_BW.argmax(-1).astype(np.int64)
+    logits = logits_BW.astype(np.float64) / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -sampling.top_k, axis=-1)[:, -sampling.top_k:].min(-1, keepdims=True)
+        logits = np.where(logits < kth, -np.inf, logits)
+    if sampling.top_p < 1:
+        order = np.argsort(-logits, axis=-1)
+        probs_sorted = _softmax(np.take_along_axis(logits, order, -1))
+        # Drop a token when the tokens before it already hold top_p of the mass (the first always stays).
+        drop_sorted = np.cumsum(probs_sorted, -1) - probs_sorted >= sampling.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        logits = np.where(drop, -np.inf, logits)
+    cumulative = np.cumsum(_softmax(logits), -1)
+    draws = rng.random((logits.shape[0], 1)) * cumulative[:, -1:]
+    return np.minimum((cumulative <= draws).sum(-1), logits.shape[-1] - 1).astype(np.int64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise MomctlError(f"no ONNX bundle at {folder}: pass a folder written by momctl export onnx")
+    if not path.is_file():
+        raise MomctlError(f"{folder} has no {MANIFEST}: it is not a bundle from momctl export onnx (export again)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise MomctlError(f"{path} is unreadable ({_one_line(err)}): export the bundle again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MomctlError(f"{path} is not a momctl ONNX bundle manifest (no format={FORMAT!r}); export again")
+    if manifest.get("version") != VERSION:
+        raise MomctlError(f"{path} is a version {manifest.get('version')!r} bundle, this momctl reads version "
+                          f"{VERSION}: export the bundle again with this momctl")
+    missing = [key for key in ("model", "inputs", "outputs", "state") if key not in manifest]
+    if missing:
+        raise MomctlError(f"{path} lacks {', '.join(missing)}: it is corrupt; export the bundle again")
+    if not (folder / str(manifest["model"])).is_file():
+        raise MomctlError(f"{folder / str(manifest['model'])} is missing: copy the whole bundle folder, or export "
+                          f"again")
+    return manifest
+
+
+def _check_graph(folder: Path, session: ort.InferenceSession, manifest: dict) -> None:
+    """MomctlError naming the first graph input or output that is not what the manifest says."""
+    for kind, actual in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        expected = manifest[f"{kind}s"]
+        got_names, want_names = [a.name for a in actual], [e["name"] for e in expected]
+        if got_names != want_names:
+            i = next((i for i, (g, w) in enumerate(zip(got_names, want_names, strict=False)) if g != w),
+                     min(len(got_names), len(want_names)))
+            got, want = (names[i] if i < len(names) else None for names in (got_names, want_names))
+            raise MomctlError(f"{folder}: graph {kind} {i} is {got!r}, {MANIFEST} says {want!r}: the manifest does "
+                              f"not belong to this model.onnx; export the bundle again")
+        for a, e in zip(actual, expected, strict=True):
+            dtype = ORT_TYPES.get(a.type, a.type)
+            same_shape = len(a.shape) == len(e["shape"]) and all(
+                isinstance(g, str) if isinstance(w, str) else g == w for g, w in zip(a.shape, e["shape"], strict=True))
+            if dtype != e["dtype"] or not same_shape:
+                raise MomctlError(f"{folder}: graph {kind} {a.name} is {dtype} {list(a.shape)}, {MANIFEST} says "
+                                  f"{e['dtype']} {e['shape']}: the manifest does not belong to this model.onnx; "
+                                  f"export the bundle again")
+
+
+def _pick_device(device: str) -> tuple[str, int]:
+    """("cpu" | "cuda", device index) for --device."""
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return ("cuda", 0) if has_cuda and os.path.exists("/dev/nvidiactl") else ("cpu", 0)
+    if device == "cpu":
+        return "cpu", 0
+    if device == "cuda" or device.startswith("cuda:") and device[5:].isdigit():
+        if not has_cuda:
+            raise MomctlError(f"--device {device}: this ONNX Runtime has no CUDA execution provider; install "
+                              f"onnxruntime-gpu or use --device cpu")
+        return "cuda", int(device.removeprefix("cuda").lstrip(":") or 0)
+    raise MomctlError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
+
+
+def _shape(spec: dict, batch_size: int) -> tuple[int, ...]:
+    return tuple(batch_size if isinstance(d, str) else d for d in spec["shape"])
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join((str(err) or type(err).__name__).split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,194 @@
+"""ONNX export and the bundle runtime: ONNX Runtime (CPU) == the eager step over 64 fed-back steps, the three
+backends write the same greedy text, the runtime never imports torch, and bad inputs are one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model, rel_err, small_config, trained_tiny_run
+from test_bad_input import assert_one_line_error
+
+from momctl import StepState
+from momctl.errors import MomctlError
+from momctl.export.onnx_export import export_bundle, export_onnx
+from momctl.export.runtime import OnnxBundle
+from momctl.tokenizers import ByteTokenizer
+
+STEPS = 64
+PROMPTS = ["--prompt", "Entry 7", "--prompt", "Entry 1", "--temperature", "0", "--max-new-tokens", "24"]
+
+
+def momctl(*args):
+    return subprocess.run([sys.executable, "-m", "momctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return trained_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "tiny-onnx"
+    result = momctl("export", "onnx", run_dir, "--out", out, "--verify-steps", "8")
+    assert result.returncode == 0, result.stderr
+    assert "ONNX Runtime matches PyTorch over 8 steps" in result.stderr and result.stdout.strip() == str(out)
+    return out
+
+
+def fed_back_errors(model, bundle, batch_size=3, steps=STEPS):
+    """Relative error of ONNX Runtime's logits against the eager step at each of `steps` fed-back steps (the
+    runtime's ping-pong stepper, from an empty state; the same random tokens for both)."""
+    tokens = torch.randint(0, model.config.vocab_size, (steps, batch_size), generator=torch.Generator().manual_seed(0))
+    capacity = bundle.max_length
+    state = StepState.from_inference(model.init_state(batch_size), capacity=capacity)
+    stepper = bundle.stepper(bundle.init_state(batch_size))
+    errors = []
+    for t in range(steps):
+        with torch.no_grad():
+            want, state = model.step(tokens[t], state)
+        errors.append(rel_err(torch.from_numpy(stepper.step(tokens[t].numpy())), want))
+    return errors
+
+
+def test_bundle_matches_eager_over_64_steps(run_dir, bundle_dir):
+    from momctl.generation import load_for_inference
+
+    model = load_for_inference(run_dir, torch.device("cpu")).model
+    assert max(fed_back_errors(model, OnnxBundle(bundle_dir, device="cpu"))) < 1e-4
+
+
+def test_gdn_with_attention_matches_eager_over_64_steps(tmp_path):
+    """The single-memory baseline (no router, no shared memory) and an attention layer with GQA, in one graph."""
+    config = small_config(vocab_size=300, num_memories=1, top_k=1, shared_memory=False, attention_layers=(1,),
+                          attn_num_kv_heads=2)
+    model = random_model(config, dtype=torch.float32)
+    report = export_bundle(model, ByteTokenizer(), tmp_path / "b", max_length=STEPS, verify_steps=4)
+    assert report.max_rel_error < 1e-4
+    bundle = OnnxBundle(tmp_path / "b", device="cpu")
+    errors = fed_back_errors(model, bundle)
+    assert max(errors) < 1e-4, errors
+    # The plain numpy step (session.run) equals the ping-pong stepper (IO binding), and leaves its input alone.
+    state = bundle.init_state(2)
+    logits, new_state = bundle.step(np.array([5, 7]), state)
+    again, _ = bundle.step(np.array([5, 7]), state)
+    assert np.array_equal(logits, again) and all(not a.any() for a in state.values())
+    assert np.array_equal(bundle.stepper(bundle.init_state(2)).step(np.array([5, 7])), logits)
+
+
+def test_manifest_names_follow_the_recurrent_convention(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    names = [spec["name"] for spec in manifest["inputs"]]
+    assert names == ["input_ids", "past_key_values.0.recurrent_state", "past_key_values.0.conv_state",
+                     "past_key_values.1.recurrent_state", "past_key_values.1.conv_state"]
+    shapes = {spec["name"]: spec["shape"] for spec in manifest["inputs"] + manifest["outputs"]}
+    # tiny: E=4 + shared memory, H=2, K=V=32, conv channels 3*64 per slot, conv width 4.
+    assert shapes["past_key_values.0.recurrent_state"] == ["batch", 10, 32, 32]
+    assert shapes["past_key_values.0.conv_state"] == ["batch", 960, 3]
+    assert shapes["logits"] == ["batch", 320] and shapes["present.1.conv_state"] == ["batch", 960, 3]
+    assert manifest["state"][0] == {"input": "past_key_values.0.recurrent_state",
+                                    "output": "present.0.recurrent_state"}
+    assert (bundle_dir / "tokenizer_config.json").is_file() and manifest["opset"] == 18
+
+
+def test_eager_compile_and_onnx_write_the_same_greedy_text(run_dir, bundle_dir):
+    eager = momctl("generate", run_dir, *PROMPTS)
+    compiled = momctl("generate", run_dir, *PROMPTS, "--backend", "compile")
+    onnx = momctl("generate", bundle_dir, *PROMPTS, "--backend", "onnx", "--device", "cpu")
+    assert eager.returncode == compiled.returncode == onnx.returncode == 0, (compiled.stderr, onnx.stderr)
+    assert eager.stdout == compiled.stdout == onnx.stdout
+    assert "--- prompt 2" in eager.stdout and "compiled the decode step in" in compiled.stderr
+
+
+def test_the_runtime_does_not_import_torch(bundle_dir):
+    code = ("import sys; from momctl.export.runtime import OnnxBundle; from momctl.sampling import SamplingConfig; "
+            f"texts, _ = OnnxBundle({str(bundle_dir)!r}, device='cpu').generate(['Entry 3'], "
+            "SamplingConfig(max_new_tokens=5, temperature=0)); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(texts[0])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_sampling_in_the_runtime_respects_top_k_and_top_p():
+    from momctl.export.runtime import sample_next
+    from momctl.sampling import SamplingConfig
+
+    logits = np.tile(np.array([[4.0, 3.0, 2.0, -9.0]], dtype=np.float32), (2000, 1))
+    rng = np.random.default_rng(0)
+    assert set(sample_next(logits, SamplingConfig(temperature=1.0, top_k=2), rng).tolist()) == {0, 1}
+    assert set(sample_next(logits, SamplingConfig(temperature=1.0, top_k=None, top_p=0.5), rng).tolist()) == {0}
+    assert set(sample_next(logits, SamplingConfig(temperature=1.0, top_k=None), rng).tolist()) == {0, 1, 2}
+
+
+def test_bad_export_inputs_are_one_line_errors(run_dir, tmp_path):
+    assert_one_line_error(momctl("export", "onnx", tmp_path / "nothing", "--out", tmp_path / "b"), "no checkpoint")
+    assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--dtype", "bf16"),
+                          "--dtype bf16", "fp32")
+    assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--opset", "17"),
+                          "--opset 17", "18 to 23")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(MomctlError, match="not an empty folder"):
+        export_onnx(run_dir, tmp_path / "full")
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    weights = next(broken.glob("checkpoints/step-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(MomctlError, match="truncated"):
+        export_onnx(weights.parent, tmp_path / "b")
+    assert not (tmp_path / "b").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_a_bundle_that_does_not_match_its_manifest_is_refused(bundle_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["inputs"][2]["shape"] = ["batch", 100, 3]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    result = momctl("generate", bad, "--backend", "onnx", "--device", "cpu", "--max-new-tokens", "2")
+    assert_one_line_error(result, "past_key_values.0.conv_state", "manifest does not belong")
+    manifest["inputs"][2]["name"] = "past_key_values.0.conv"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MomctlError, match="'past_key_values.0.conv'"):
+        OnnxBundle(bad, device="cpu")
+    (bad / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(MomctlError, match="cannot load"):
+        OnnxBundle(bad, device="cpu")
+    (bad / "manifest.json").unlink()
+    with pytest.raises(MomctlError, match="no manifest.json"):
+        OnnxBundle(bad, device="cpu")
+    assert_one_line_error(momctl("generate", bundle_dir, "--backend", "onnx", "--device", "cpu", "--save-state",
+                                 tmp_path / "s"), "--save-state")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path):
+    model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
+    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
+    errors = fed_back_errors(model, OnnxBundle(tmp_path / "b", device="cuda"))
+    assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_cuda_bundle_writes_the_eager_greedy_text_of_a_trained_model(run_dir, tmp_path):
+    """fp16 graph with fp32 state on the CUDA provider: the same greedy tokens as the eager fp32 step on the GPU
+    over 64 tokens."""
+    from momctl.generation import generate, load_for_inference
+    from momctl.sampling import SamplingConfig
+
+    export_onnx(run_dir, tmp_path / "b", dtype="fp16", verify_steps=4)
+    bundle = OnnxBundle(tmp_path / "b", device="cuda")
+    assert "CUDAExecutionProvider" in bundle.session.get_providers()
+    sampling = SamplingConfig(max_new_tokens=STEPS, temperature=0, stop_at_eos=False)
+    prompts = ["Entry 7", "Entry 1"]
+    onnx_texts, _ = bundle.generate(prompts, sampling)
+    eager = generate(load_for_inference(run_dir, torch.device("cuda")), prompts, sampling)
+    assert onnx_texts == eager.texts
