@@ -3,12 +3,13 @@ over ping-pong state buffers.
 
 The step is traced whole (`fullgraph=True`, `dynamic=False`: each batch size compiles once) with the layers' input
 projections packed first (export/step_weights.py). On a CPU that is all. On CUDA each batch size also gets two state
-buffers A and B and two captured CUDA graphs, one reading A and writing B, the other reading B and writing A, so a
-replay never writes the state it reads and nothing is copied between steps (onnxruntime-genai found that capturing
-an in-place state update gives silently wrong logits). The attention layers' KV caches are one buffer shared by A
-and B: a step only appends past the entries it reads. The state a call returns lives in the buffers: it stays
-valid for one more step (the step after next overwrites it); a state that is not the last one returned (a
-prefilled state, or one changed outside) is copied into the buffers first.
+buffers A and B and two captured CUDA graphs, one reading A and writing B, the other reading B and writing A, so
+nothing is copied between steps. Only the conv windows and positions really ping-pong: the MoM memories are one
+buffer shared by A and B that the fused step advances in place (a memory a token does not reach is neither read nor
+written: at batch 16 that saves about 40% of the step's memory traffic), and the attention layers' KV caches are
+one buffer that a step appends to past the entries it reads. So the state a call returns is valid until the next
+call, which advances it; passing an older one raises. A state from elsewhere (a prefilled one, or a copy) is copied
+into the buffers first and never written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..state import KVCache, StepState
+from ..state import KVCache, MemoryState, StepState
 from .step import decode_step
 from .step_weights import pack_for_decoding
 
@@ -32,6 +33,7 @@ class _PingPong:
     buffers: tuple[StepState, StepState]
     graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]
     logits: tuple[torch.Tensor, torch.Tensor]
+    in_place: tuple[torch.Tensor, ...]  # the memories A and B share (advanced in place)
     current: int = 0  # the buffer holding the latest state
 
 
@@ -81,6 +83,10 @@ class CompiledStep:
         key = (token_ids_B.shape[0], state.capacity)
         pp = self._graphs.get(key) or self._capture(token_ids_B, state)
         if not _same_tensors(state, pp.buffers[pp.current]):
+            if any(t is m for t in state.tensors() for m in pp.in_place):
+                raise ValueError("this state was advanced in place by a later step (a compiled step keeps only the "
+                                 "latest state): pass the state the last call returned, or keep a "
+                                 "StepState.clone() of one to come back to")
             for buffer, tensor in zip(pp.buffers[pp.current].tensors(), state.tensors(), strict=True):
                 buffer.copy_(tensor)
         pp.token_B.copy_(token_ids_B)
@@ -95,8 +101,8 @@ class CompiledStep:
         dense = torch.contiguous_format
         a = StepState.from_tensors(state.layout, [t.clone(memory_format=dense) for t in state.tensors()],
                                    state.cache_length)
-        b_tensors = [t if isinstance(layer, KVCache) else torch.empty_like(t, memory_format=dense)
-                     for layer in a.layers for t in vars(layer).values()]
+        b_tensors = [t if isinstance(layer, KVCache) or name == "memory" else torch.empty_like(t, memory_format=dense)
+                     for layer in a.layers for name, t in vars(layer).items()]
         b = StepState.from_tensors(state.layout, [*b_tensors, torch.empty_like(a.positions)], state.cache_length)
         token_B = token_ids_B.clone()
         buffers = (a, b)
@@ -113,13 +119,15 @@ class CompiledStep:
                 logits_BW, = self._compiled(token_B, *buffers[i].tensors(), *buffers[1 - i].tensors())
             graphs.append(graph)
             logits.append(logits_BW)
-        pp = _PingPong(token_B, buffers, tuple(graphs), tuple(logits))
+        in_place = tuple(layer.memory for layer in a.layers if isinstance(layer, MemoryState))
+        pp = _PingPong(token_B, buffers, tuple(graphs), tuple(logits), in_place)
         self._graphs[(token_ids_B.shape[0], state.capacity)] = pp
         return pp
 
     def warm_up(self, token_ids_B: torch.Tensor, state: StepState) -> float:
-        """Compile (and capture the CUDA graphs) for this batch size by stepping `state` and dropping the result
-        (the step is pure, so nothing changes). Returns the seconds it took; `compile_seconds` keeps the first."""
+        """Compile (and capture the CUDA graphs) for this batch size by stepping `state` (one from elsewhere: it is
+        copied, not written) and dropping the result. Returns the seconds it took; `compile_seconds` keeps the
+        first."""
         start = time.perf_counter()
         self(token_ids_B, state)
         if self.cuda_graphs:

@@ -4,8 +4,9 @@ No host synchronisation and no branching on tensor values. A MoM layer computes 
 matmul (packed weights, export/step_weights.py); routing, the conv windows and the update rule then run for every slot
 at once, and a slot the token does not reach is copied unchanged (no decay; its conv window does not move unless
 conv_scope is `time`). The new state is written to NEW tensors, never into the input state, so a captured graph
-can ping-pong between two state buffers. Attention layers write the new key/value at the sequence's position of a
-preallocated cache (out of place) and mask the positions past it.
+can ping-pong between two state buffers; or, given an `out` state that shares the memory tensors with the input,
+the memories are advanced in place and the conv windows ping-pong. Attention layers write the new key/value at the
+sequence's position of a preallocated cache (out of place) and mask the positions past it.
 
 Legend: B batch, D d_model, W vocabulary, S slots (E routed memories + the shared one), H heads, V value head dim,
 P packed projection columns, I MLP hidden size, h attention heads, d attention head dim, L KV-cache capacity.
@@ -37,7 +38,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             `out` the new key/value of attention layers is written into its KV caches (past the valid entries).
         out: a state of the same layout to write the new state into (the other buffer of a ping-pong pair, never
             `state` itself); its attention layers must hold the same KV-cache tensors as `state`'s (the cache is
-            appended in place, not double-buffered). None: new tensors.
+            appended in place, not double-buffered), and its MoM layers may hold the same memory tensors (then
+            advanced in place; their conv windows must be other tensors). None: new tensors.
 
     Returns:
         logits `[B, W]` and the state after the token (`cache_length` one higher). The KV caches must have room for

@@ -155,6 +155,10 @@ class StepState:
         """The kind of each layer's state (`MemoryState` or `KVCache`): with `tensors()`, all that makes a state."""
         return tuple(type(layer) for layer in self.layers)
 
+    def clone(self) -> StepState:
+        """A copy that owns its tensors (to keep a state that a compiled step will advance in place)."""
+        return StepState.from_tensors(self.layout, [t.clone() for t in self.tensors()], self.cache_length)
+
     @classmethod
     def from_tensors(cls, layout: tuple[type, ...], tensors: list[torch.Tensor], cache_length: int) -> StepState:
         """The state of `layout` holding `tensors` (in the order of `tensors()`)."""

@@ -53,3 +53,24 @@ def test_cuda_graphs_step_equals_eager_step_when_its_state_is_fed_back(inductor)
                 assert rel_err(got, want) < 1e-4, (batch_size, t)
         assert all(torch.equal(a, b) for a, b in zip(StepState.from_inference(prefilled, capacity=capacity).tensors(),
                                                      before, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_advance_memories_in_place_and_refuse_an_older_state():
+    """The memories are one buffer advanced in place: the state before the last call is refused (not silently
+    stepped from its advanced memories), while a clone of it stays usable and gives the eager result."""
+    model = random_model(small_config(num_layers=2), dtype=torch.float32).cuda()
+    step = CompiledStep(model)
+    ids = torch.randint(0, 50, (2, 8), device="cuda")
+    _, prefilled = model.prefill(ids[:, :4])
+    with torch.no_grad():
+        _, first = step(ids[:, 4], StepState.from_inference(prefilled))
+        kept = first.clone()
+        _, second = step(ids[:, 5], first)
+        assert second.layers[0].memory is first.layers[0].memory
+        with pytest.raises(ValueError, match="advanced in place by a later step"):
+            step(ids[:, 6], first)
+        got, _ = step(ids[:, 5], kept)
+        want, _ = decode_step(model, ids[:, 5], kept)
+    assert rel_err(got, want) < 1e-4

@@ -6,7 +6,10 @@ value block): the top-k routing from the router logits, the short conv + SiLU of
 q/k L2 norm, beta = sigmoid(b), the decay g = -exp(A_log) softplus(a + dt_bias), one step of the update rule and the
 output scaled by the slot's mixing weight; it writes the advanced state of a touched slot and copies an untouched
 one into NEW buffers. Writing new buffers, not the input, is what makes the step safe to capture in a CUDA graph
-with ping-pong state. The math and the reference are in `naive_step.py`.
+with ping-pong state. A variant advances the memories IN PLACE (each program owns its [K, BV] state block, so a block
+is read before it is written and by nobody else): then an untouched slot is neither read nor written, which saves
+the copy traffic of ping-pong, while the conv windows (read by every value block of a head) still go to a new
+buffer. The math and the reference are in `naive_step.py`.
 """
 # Shapes: B batch, P packed projection columns, E routed memories, S slots (E + shared), H heads, K key dim,
 # V value dim, R conv window (conv width - 1), C conv channels (q | k | v = 2 H K + H V).
@@ -75,9 +78,10 @@ def fused_mom_step_kernel(
     P, col_gate, col_q, col_k, col_v, col_b, col_a, scale,
     E: tl.constexpr, S: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
     TOP_K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
-    USE_G: tl.constexpr, CONV_EVERY_SLOT: tl.constexpr,
+    USE_G: tl.constexpr, CONV_EVERY_SLOT: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
-    """Grid (B * S * H, V-blocks): state block [K, BV] of (b, s, h), advanced when row b's token reaches slot s."""
+    """Grid (B * S * H, V-blocks): state block [K, BV] of (b, s, h), advanced when row b's token reaches slot s
+    (IN_PLACE: `new_memory` is `memory`, and an untouched block is left as it is)."""
     i_bsh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_h = i_bsh % H
     i_s = (i_bsh // H) % S
@@ -125,9 +129,9 @@ def fused_mom_step_kernel(
         _shift_window(win, new_win, HK + o_hk, m_k, b_uk, C, R, advance)
 
     p_state = (i_bsh * K + o_k[:, None]) * V + o_v[None, :]
-    b_S = tl.load(memory + p_state, mask=m_kv, other=0.0)  # [BK, BV]
     b_o = tl.zeros([BV], dtype=tl.float32)
     if touched:
+        b_S = tl.load(memory + p_state, mask=m_kv, other=0.0)  # [BK, BV]
         b_q = b_yq / tl.sqrt(tl.sum(b_yq * b_yq, 0) + 1e-6)
         b_k = b_yk / tl.sqrt(tl.sum(b_yk * b_yk, 0) + 1e-6)
         if USE_G:
@@ -140,8 +144,10 @@ def fused_mom_step_kernel(
             b_u = beta * (b_yv - tl.sum(b_k[:, None] * b_S, 0))
         b_S = b_S + b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_q[:, None] * b_S, 0) * (scale * w)
+        tl.store(new_memory + p_state, b_S, mask=m_kv)
+    elif not IN_PLACE:
+        tl.store(new_memory + p_state, tl.load(memory + p_state, mask=m_kv, other=0.0), mask=m_kv)
     tl.store(o + i_bsh * V + o_v, b_o, mask=m_v)
-    tl.store(new_memory + p_state, b_S, mask=m_kv)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -150,7 +156,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _launch(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memories, top_k, delta,
-            conv_every_slot, scale, new_memory, new_conv) -> Tensor:
+            conv_every_slot, scale, new_memory, new_conv, in_place=False) -> Tensor:
     B, S, H, K, V = memory.shape
     o = _empty((B, S, H, V), torch.float32, proj.device)
     if B == 0:
@@ -159,7 +165,7 @@ def _launch(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, nu
         proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, new_memory, new_conv, o, proj.shape[1], *cols,
         scale, E=num_memories, S=S, H=H, K=K, V=V, R=conv.shape[2], TOP_K=top_k,
         BE=max(2, triton.next_power_of_2(num_memories)), BK=max(16, triton.next_power_of_2(K)), BV=BV, DELTA=delta,
-        USE_G=A_log is not None, CONV_EVERY_SLOT=conv_every_slot, num_warps=NUM_WARPS)
+        USE_G=A_log is not None, CONV_EVERY_SLOT=conv_every_slot, IN_PLACE=in_place, num_warps=NUM_WARPS)
     return o
 
 
@@ -197,6 +203,21 @@ def _(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memo
     return proj.new_empty((B, S, H, V), dtype=torch.float32)
 
 
+@torch.library.custom_op("momctl::fused_mom_step_in_place", mutates_args=("memory", "new_conv"))
+def _step_in_place_op(proj: Tensor, conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor | None,
+                      dt_bias: Tensor | None, memory: Tensor, conv: Tensor, cols: list[int], num_memories: int,
+                      top_k: int, delta: bool, conv_every_slot: bool, scale: float, new_conv: Tensor) -> Tensor:
+    return _launch(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memories, top_k, delta,
+                   conv_every_slot, scale, memory, new_conv, in_place=True)
+
+
+@_step_in_place_op.register_fake
+def _(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memories, top_k, delta, conv_every_slot,
+      scale, new_conv):
+    B, S, H, _, V = memory.shape
+    return proj.new_empty((B, S, H, V), dtype=torch.float32)
+
+
 def fused_mom_step(
     proj: Tensor,
     columns: StepColumns,
@@ -223,15 +244,16 @@ def fused_mom_step(
         columns: the first column of each block of `proj`.
         conv_weights: the q, k and v conv filters `[H K, W]`, `[H K, W]`, `[H V, W]` (W = R + 1).
         A_log, dt_bias: `[H]` the decay parameters, or None for the rules without decay.
-        memory: `[B, S, H, K, V]` fp32 slot memories (K <= 256); read only.
+        memory: `[B, S, H, K, V]` fp32 slot memories (K <= 256); read only, unless it is `out[0]`.
         conv: `[B, S, R, C]` fp32 conv windows (the last R inputs of q | k | v per slot); read only.
         num_memories: E routed memories (S = E + 1 with the shared memory, else E); 1 means no router.
         top_k: memories each token reaches (ignored when E = 1).
         delta: the delta rule's correction (`gated_delta`, `delta`) or a plain outer-product write.
         conv_every_slot: every slot's conv window takes the token (conv_scope `time`), not just the touched ones.
         scale: output scale, default K ** -0.5.
-        out: contiguous fp32 buffers like `memory` and `conv` to write the new state into (not the inputs
-            themselves: a state buffer ping-pongs with another), instead of new tensors.
+        out: contiguous fp32 buffers like `memory` and `conv` to write the new state into, instead of new
+            tensors. `out[0]` may be `memory` itself: the touched slots are then advanced in place and the others
+            neither read nor written. `out[1]` is never `conv` (the windows ping-pong with another buffer).
 
     Returns:
         o `[B, S, H, V]` fp32 (each slot's output times its mixing weight; zero for a slot not reached: the layer's
@@ -258,13 +280,15 @@ def fused_mom_step(
         raise ValueError(f"the fused step runs on CUDA tensors (or under TRITON_INTERPRET=1), got {proj.device}; "
                          "use mom_step_ref on the CPU")
     scale = K ** -0.5 if scale is None else float(scale)
-    if out is not None and (out[0].shape != memory.shape or out[1].shape != conv.shape
+    if out is not None and (out[0].shape != memory.shape or out[1].shape != conv.shape or out[1] is conv
                             or not all(t.is_contiguous() and t.dtype == torch.float32 for t in out)):
-        raise ValueError("out must be contiguous fp32 buffers shaped like memory and conv")
+        raise ValueError("out must be contiguous fp32 buffers shaped like memory and conv, the conv one not conv")
     cols = [columns.gate, columns.q, columns.k, columns.v, columns.b, columns.a]
     args = (proj.contiguous(), conv_q.contiguous(), conv_k.contiguous(), conv_v.contiguous(), A_log, dt_bias,
             memory.contiguous(), conv.contiguous(), cols, num_memories, top_k if num_memories > 1 else 1,
             bool(delta), bool(conv_every_slot), scale)
     if out is None:
         return torch.ops.momctl.fused_mom_step(*args)
+    if out[0] is memory:
+        return torch.ops.momctl.fused_mom_step_in_place(*args, out[1]), *out
     return torch.ops.momctl.fused_mom_step_out(*args, *out), *out
