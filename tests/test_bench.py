@@ -340,3 +340,23 @@ def test_config_file_sets_the_base_model(tmp_path):
     assert doc["configs"]["mom"]["d_model"] == 32 and doc["configs"]["mom"]["num_memories"] == 3
     assert doc["configs"]["gdn"]["num_memories"] == 1 and doc["configs"]["gdn"]["shared_memory"] is False
     assert [c["status"] for c in doc["results"]] == ["ok", "ok"]
+
+
+def test_commit_is_marked_dirty_when_tracked_files_changed(tmp_path):
+    from momctl.bench.environment import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert _git_commit(tmp_path) is None  # not a repository
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "x")
+    clean = _git_commit(tmp_path)
+    assert clean and re.fullmatch(r"[0-9a-f]{7,}", clean)
+    (tmp_path / "untracked.py").write_text("")
+    assert _git_commit(tmp_path) == clean
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert _git_commit(tmp_path) == f"{clean}+dirty"

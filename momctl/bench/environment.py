@@ -37,11 +37,19 @@ def _driver() -> str | None:
     return out.strip().splitlines()[0] if out.strip() else None
 
 
-def _git_commit() -> str | None:
-    """The commit of the momctl source tree that runs (not of the current directory)."""
+SOURCE = Path(__file__).resolve().parent
+
+
+def _git_commit(source: Path = SOURCE) -> str | None:
+    """The commit of the momctl source tree that runs (not of the current directory), with `+dirty` when tracked
+    files differ from it: then the numbers are of code that no commit holds."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30,
+                              cwd=source).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             timeout=30, cwd=Path(__file__).resolve().parent).stdout
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.strip() or None
+    return f"{commit}+dirty" if commit and dirty else commit or None
