@@ -134,10 +134,12 @@ def generate(loaded: LoadedModel, prompts: list[str], sampling: SamplingConfig,
         last = n == sampling.max_new_tokens - 1
         if streams.all_done or (last and not keep_state):
             break
+        done_B = torch.tensor(streams.done, device=device) if keep_state and any(streams.done) else None
+        # Finished sequences keep the state of their text: a copy, since the compiled step advances memories in place.
+        before = state.clone() if done_B is not None else None
         logits_BW, new_state = step(token_B, state)
-        if keep_state and any(streams.done):  # finished sequences keep the state of their text
-            done_B = torch.tensor(streams.done, device=device)
-            new_state = new_state.where(done_B, state)
+        if done_B is not None:
+            new_state = new_state.where(done_B, before)
             logits_BW = torch.where(done_B[:, None], next_logits_BW, logits_BW)
         state, next_logits_BW = new_state, logits_BW
         if last:

@@ -13,7 +13,10 @@ from helpers import trained_tiny_run
 from test_bad_input import assert_one_line_error
 
 from momctl.errors import MomctlError
+from momctl.export import compiled
+from momctl.export.step import decode_step
 from momctl.generation import SamplingConfig, generate, load_for_inference
+from momctl.state import MemoryState
 from momctl.state_file import load_state, save_state
 
 GREEDY = ["--temperature", "0"]
@@ -55,15 +58,41 @@ def test_a_new_turn_appends_to_the_loaded_state(loaded, tmp_path):
     assert turn2.texts == generate(loaded, [transcript], greedy).texts
 
 
-def test_a_sequence_that_stops_keeps_the_state_of_its_text(loaded):
-    """Two sequences, one stops early at EOS: each saved row == the state after exactly its prompt + text."""
+class InPlaceStep:
+    """Stands in on a CPU for the CUDA-graph `CompiledStep`: a state it returned has its memories advanced in place
+    by the next call (a state from elsewhere is copied first, never written)."""
+
+    def __init__(self, model):
+        self.model, self.latest = model, None
+
+    def warm_up(self, token_B, state):
+        return 0.0
+
+    def __call__(self, token_B, state):
+        if state is not self.latest:
+            state = state.clone()
+        logits, new = decode_step(self.model, token_B, state)
+        for old_layer, new_layer in zip(state.layers, new.layers, strict=True):
+            if isinstance(old_layer, MemoryState):
+                new_layer.memory = old_layer.memory.copy_(new_layer.memory)
+        self.latest = new
+        return logits, new
+
+
+@pytest.mark.parametrize("backend", ["eager", "in-place"])
+def test_a_sequence_that_stops_keeps_the_state_of_its_text(loaded, backend, monkeypatch):
+    """Two sequences, one stops early at EOS: each saved row == the state after exactly its prompt + text (also
+    when the step advances the memories in place, as compiled CUDA graphs do)."""
+    if backend == "in-place":
+        monkeypatch.setattr(compiled, "CompiledStep", InPlaceStep)
+        backend = "compile"
     greedy = SamplingConfig(max_new_tokens=12, temperature=0)
     probe = generate(loaded, ["Entry 7", "Entry 2"], greedy).texts
     eos = loaded.tokenizer.encode(probe[0])[4]  # the 5th token of sequence 0 plays EOS
     tokenizer = type("Eos", (), {"encode": loaded.tokenizer.encode, "decode": loaded.tokenizer.decode,
                                  "eos_id": eos})()
     stopping = replace(loaded, tokenizer=tokenizer)
-    result = generate(stopping, ["Entry 7", "Entry 2"], greedy, keep_state=True)
+    result = generate(stopping, ["Entry 7", "Entry 2"], greedy, keep_state=True, backend=backend)
     assert len(result.texts[0]) < len(result.texts[1])
     for i, (prompt, text) in enumerate(zip(["Entry 7", "Entry 2"], result.texts, strict=True)):
         ids = torch.tensor([loaded.tokenizer.encode(prompt + text)])
