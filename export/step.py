@@ -4,9 +4,9 @@ No host synchronisation and no branching on tensor values. A MoM layer computes 
 matmul (packed weights, export/step_weights.py); routing, the conv windows and the update rule then run for every slot
 at once, and a slot the token does not reach is copied unchanged (no decay; its conv window does not move unless
 conv_scope is `time`). The new state is written to NEW tensors, never into the input state, so a captured graph
-can ping-pong between two state buffers; or, given an `out` state that shares the memory tensors with the input,
-the memories are advanced in place and the conv windows ping-pong. Attention layers write the new key/value at the
-sequence's position of a preallocated cache (out of place) and mask the positions past it.
+can ping-pong between two state buffers; or, given an `out` state, the memories are advanced in place (they are
+shared by both buffers) and only the conv windows and positions ping-pong. Attention layers write the new
+key/value at the sequence's position of a preallocated cache (out of place) and mask the positions past it.
 
 Legend: B batch, D d_model, W vocabulary, S slots (E routed memories + the shared one), H heads, V value head dim,
 P packed projection columns, I MLP hidden size, h attention heads, d attention head dim, L KV-cache capacity.
@@ -38,8 +38,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             `out` the new key/value of attention layers is written into its KV caches (past the valid entries).
         out: a state of the same layout to write the new state into (the other buffer of a ping-pong pair, never
             `state` itself); its attention layers must hold the same KV-cache tensors as `state`'s (the cache is
-            appended in place, not double-buffered), and its MoM layers may hold the same memory tensors (then
-            advanced in place; their conv windows must be other tensors). None: new tensors.
+            appended in place, not double-buffered), and its MoM layers the same memory tensors (advanced in place;
+            their conv windows are other tensors). None: new tensors.
 
     Returns:
         logits `[B, W]` and the state after the token (`cache_length` one higher). The KV caches must have room for
@@ -64,14 +64,17 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
 
 def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
              out: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
-    """One token through a MoM layer (shared/mom-spec.md steps 1-8 for T = 1). Returns y `[B, D]` and the new state
-    (new tensors, or written into `out`).
+    """One token through a MoM layer (shared/mom-spec.md steps 1-8 for T = 1). Returns y `[B, D]` and the new state:
+    new tensors, or (with `out`, which holds the same memory tensor as `state`) the memories advanced in place and
+    the conv windows written into `out.conv`.
 
     One matmul gives every input projection (router logits, q, each slot's k, v, beta and decay inputs, and the
     output gate); the memories' step (routing, conv, update rule, weighted outputs) is one fused Triton launch on
     CUDA (`kernels/common/fused_step.py`) and its reference elsewhere, which computes every slot and keeps the
     touched ones.
     """
+    if out is not None and out.memory is not state.memory:
+        raise ValueError("out must hold the state's own memory tensor: the memories are advanced in place")
     c = mixer.config
     B, _ = x_BD.shape
     H, V = c.num_heads, c.head_v_dim
@@ -91,7 +94,7 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
     o_BSHV, memory, conv = step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
                                 num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
                                 conv_every_slot=c.conv_scope == "time",
-                                out=None if out is None else (out.memory, out.conv))
+                                conv_out=None if out is None else out.conv)
 
     # 6-8. Mix (the kernel weighted each slot's output; untouched slots are zero), gated norm, output projection.
     o_BHV = mixer.o_norm(o_BSHV.sum(1).to(x_BD.dtype), gate_BHV.reshape(B, H, V))

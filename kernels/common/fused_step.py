@@ -1,4 +1,4 @@
-"""One decode step of a MoM layer's memories, fused into one Triton launch, out of place.
+"""One decode step of a MoM layer's memories, fused into one Triton launch (out of place, or memories in place).
 
 Input: the token's packed input projections (one matmul of x: router logits, q, every slot's k, v, beta and decay
 pre-activations), the slot-indexed memory and conv-window states. One launch does, for every (row, slot, head,
@@ -6,10 +6,10 @@ value block): the top-k routing from the router logits, the short conv + SiLU of
 q/k L2 norm, beta = sigmoid(b), the decay g = -exp(A_log) softplus(a + dt_bias), one step of the update rule and the
 output scaled by the slot's mixing weight; it writes the advanced state of a touched slot and copies an untouched
 one into NEW buffers. Writing new buffers, not the input, is what makes the step safe to capture in a CUDA graph
-with ping-pong state. A variant advances the memories IN PLACE (each program owns its [K, BV] state block, so a block
-is read before it is written and by nobody else): then an untouched slot is neither read nor written, which saves
-the copy traffic of ping-pong, while the conv windows (read by every value block of a head) still go to a new
-buffer. The math and the reference are in `naive_step.py`.
+with ping-pong state. The variant the compiled step uses advances the memories IN PLACE (each program owns its
+[K, BV] state block, so a block is read before it is written and by nobody else): an untouched slot is then neither
+read nor written, which saves the copy traffic of ping-pong, while the conv windows (read by every value block of a
+head) still go to a new buffer. The math and the reference are in `naive_step.py`.
 """
 # Shapes: B batch, P packed projection columns, E routed memories, S slots (E + shared), H heads, K key dim,
 # V value dim, R conv window (conv width - 1), C conv channels (q | k | v = 2 H K + H V).
@@ -188,21 +188,6 @@ def _(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memo
             conv.new_empty(conv.shape))
 
 
-@torch.library.custom_op("momctl::fused_mom_step_out", mutates_args=("new_memory", "new_conv"))
-def _step_out_op(proj: Tensor, conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor | None,
-                 dt_bias: Tensor | None, memory: Tensor, conv: Tensor, cols: list[int], num_memories: int, top_k: int,
-                 delta: bool, conv_every_slot: bool, scale: float, new_memory: Tensor, new_conv: Tensor) -> Tensor:
-    return _launch(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memories, top_k, delta,
-                   conv_every_slot, scale, new_memory, new_conv)
-
-
-@_step_out_op.register_fake
-def _(proj, conv_q, conv_k, conv_v, A_log, dt_bias, memory, conv, cols, num_memories, top_k, delta, conv_every_slot,
-      scale, new_memory, new_conv):
-    B, S, H, _, V = memory.shape
-    return proj.new_empty((B, S, H, V), dtype=torch.float32)
-
-
 @torch.library.custom_op("momctl::fused_mom_step_in_place", mutates_args=("memory", "new_conv"))
 def _step_in_place_op(proj: Tensor, conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor | None,
                       dt_bias: Tensor | None, memory: Tensor, conv: Tensor, cols: list[int], num_memories: int,
@@ -232,7 +217,7 @@ def fused_mom_step(
     delta: bool,
     conv_every_slot: bool = False,
     scale: float | None = None,
-    out: tuple[Tensor, Tensor] | None = None,
+    conv_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One token per row through a MoM layer's memories; same result as `mom_step_ref`.
 
@@ -244,20 +229,21 @@ def fused_mom_step(
         columns: the first column of each block of `proj`.
         conv_weights: the q, k and v conv filters `[H K, W]`, `[H K, W]`, `[H V, W]` (W = R + 1).
         A_log, dt_bias: `[H]` the decay parameters, or None for the rules without decay.
-        memory: `[B, S, H, K, V]` fp32 slot memories (K <= 256); read only, unless it is `out[0]`.
+        memory: `[B, S, H, K, V]` fp32 slot memories (K <= 256); read only, unless `conv_out` is given.
         conv: `[B, S, R, C]` fp32 conv windows (the last R inputs of q | k | v per slot); read only.
         num_memories: E routed memories (S = E + 1 with the shared memory, else E); 1 means no router.
         top_k: memories each token reaches (ignored when E = 1).
         delta: the delta rule's correction (`gated_delta`, `delta`) or a plain outer-product write.
         conv_every_slot: every slot's conv window takes the token (conv_scope `time`), not just the touched ones.
         scale: output scale, default K ** -0.5.
-        out: contiguous fp32 buffers like `memory` and `conv` to write the new state into, instead of new
-            tensors. `out[0]` may be `memory` itself: the touched slots are then advanced in place and the others
-            neither read nor written. `out[1]` is never `conv` (the windows ping-pong with another buffer).
+        conv_out: a contiguous fp32 buffer like `conv` (not `conv` itself: the windows ping-pong with another
+            buffer) to write the new windows into; then `memory` (contiguous) is advanced in place: the touched
+            slots written, the others neither read nor written. None: new tensors for both.
 
     Returns:
         o `[B, S, H, V]` fp32 (each slot's output times its mixing weight; zero for a slot not reached: the layer's
-        output is the sum over S), and new memory and conv tensors: the touched slots advanced, the others copied.
+        output is the sum over S), and the new memory and conv tensors (`memory` and `conv_out` when given): the
+        touched slots advanced, the others as they were.
     """
     B, S, H, K, V = memory.shape
     R = conv.shape[2]
@@ -280,15 +266,14 @@ def fused_mom_step(
         raise ValueError(f"the fused step runs on CUDA tensors (or under TRITON_INTERPRET=1), got {proj.device}; "
                          "use mom_step_ref on the CPU")
     scale = K ** -0.5 if scale is None else float(scale)
-    if out is not None and (out[0].shape != memory.shape or out[1].shape != conv.shape or out[1] is conv
-                            or not all(t.is_contiguous() and t.dtype == torch.float32 for t in out)):
-        raise ValueError("out must be contiguous fp32 buffers shaped like memory and conv, the conv one not conv")
+    if conv_out is not None and (conv_out.shape != conv.shape or conv_out is conv or conv_out.dtype != torch.float32
+                                 or not (conv_out.is_contiguous() and memory.is_contiguous())):
+        raise ValueError("conv_out must be a contiguous fp32 buffer shaped like conv, not conv itself, and memory "
+                         "(advanced in place) contiguous")
     cols = [columns.gate, columns.q, columns.k, columns.v, columns.b, columns.a]
     args = (proj.contiguous(), conv_q.contiguous(), conv_k.contiguous(), conv_v.contiguous(), A_log, dt_bias,
             memory.contiguous(), conv.contiguous(), cols, num_memories, top_k if num_memories > 1 else 1,
             bool(delta), bool(conv_every_slot), scale)
-    if out is None:
+    if conv_out is None:
         return torch.ops.momctl.fused_mom_step(*args)
-    if out[0] is memory:
-        return torch.ops.momctl.fused_mom_step_in_place(*args, out[1]), *out
-    return torch.ops.momctl.fused_mom_step_out(*args, *out), *out
+    return torch.ops.momctl.fused_mom_step_in_place(*args, conv_out), memory, conv_out

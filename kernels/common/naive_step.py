@@ -12,7 +12,7 @@ from torch import Tensor
 def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
                  dt_bias: Tensor | None, memory: Tensor, conv: Tensor, *, num_memories: int, top_k: int, delta: bool,
                  conv_every_slot: bool = False, scale: float | None = None,
-                 out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 conv_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Every slot computed, the touched ones kept: arguments and results as `fused_mom_step` (in at least fp32).
 
     Routing: softmax of the E router logits, top k, renormalised (ties as torch.topk breaks them); the shared slot
@@ -63,8 +63,8 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     o = scale * _apply(state, q) * weight_BS[..., None, None]
     o = torch.where(touched_BS[..., None, None], o, 0)
     new_memory = torch.where(touched_BS[..., None, None, None], state, memory.to(f))
-    if out is not None:
-        return o, out[0].copy_(new_memory), out[1].copy_(new_conv)
+    if conv_out is not None:
+        return o, memory.copy_(new_memory), conv_out.copy_(new_conv)
     return o, new_memory, new_conv
 
 

@@ -75,7 +75,7 @@ def test_matches_reference(gen, poison, rule, K, V):
 
 @pytest.mark.parametrize("rule", ["gated_delta", "linear"])
 def test_in_place_memories_equal_the_out_of_place_step(gen, poison, rule):
-    """out[0] = the input memory: touched slots advanced in place, untouched ones left alone (a NaN in an untouched
+    """conv_out given: touched slots advanced in place, untouched ones left alone (a NaN in an untouched
     memory stays there, and never reaches an output); the conv windows go to the other buffer."""
     inputs = make_inputs(gen, 3, 4, True, 2, 32, 40, rule)
     kw = dict(num_memories=4, top_k=2, delta=RULES[rule][0])
@@ -84,13 +84,13 @@ def test_in_place_memories_equal_the_out_of_place_step(gen, poison, rule):
     memory = inputs[5].clone()
     memory[untouched] = float("nan")
     new_conv = torch.full_like(inputs[6], float("nan"))
-    o, memory_out, conv_out = fs.fused_mom_step(*inputs[:5], memory, inputs[6], out=(memory, new_conv), **kw)
+    o, memory_out, conv_out = fs.fused_mom_step(*inputs[:5], memory, inputs[6], conv_out=new_conv, **kw)
     assert memory_out is memory and conv_out is new_conv
     assert torch.equal(o, o_ref) and torch.equal(conv_out, conv_ref)
     assert torch.equal(memory[~untouched], memory_ref[~untouched])
     assert memory[untouched].isnan().all(), "an untouched memory was written"
-    with pytest.raises(ValueError, match="the conv one not conv"):
-        fs.fused_mom_step(*inputs[:5], memory, inputs[6], out=(memory, inputs[6]), **kw)
+    with pytest.raises(ValueError, match="not conv itself"):
+        fs.fused_mom_step(*inputs[:5], memory, inputs[6], conv_out=inputs[6], **kw)
 
 
 @pytest.mark.parametrize("logits,top_k,chosen", [([0.0, 2.0, 1.0, -1.0], 2, [1, 2]), ([1.0, 1.0, 0.0, 0.0], 1, [0]),
