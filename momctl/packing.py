@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import use_kernels
+
 
 @dataclass(frozen=True)
 class Packing:
     token_of_copy_M: torch.Tensor  # int64: the flat token index (b*T + t) of each packed copy
-    rank_of_copy_M: torch.Tensor  # int64: the copy's index in the token-major flattening of copy_of_token_NA
     slot_of_copy_M: torch.Tensor  # int64: the slot of each packed copy
     copy_of_token_NA: torch.Tensor  # int64 [B*T, A]: where each token's copies sit
     weight_NA: torch.Tensor  # mixing weight of each copy (0 for padding tokens)
@@ -57,13 +58,23 @@ def pack_tokens(slots_BTA: torch.Tensor, weight_BTA: torch.Tensor, valid_BT: tor
     slot_of_copy = torch.empty_like(token_of_copy).scatter_(0, dest_BTA.reshape(-1), slots_BTA.reshape(-1))
     slot_ends = torch.cat([cu[torch.arange(1, S, device=device) * B], total])
     weight_NA = torch.where(valid_BT[..., None], weight_BTA, 0).reshape(B * T, A)
-    return Packing(token_of_copy, rank_of_copy, slot_of_copy, dest_BTA.reshape(B * T, A), weight_NA, cu.to(torch.int32),
+    return Packing(token_of_copy, slot_of_copy, dest_BTA.reshape(B * T, A), weight_NA, cu.to(torch.int32),
                    slot_ends.to(torch.int32), member_BTS)
 
 
+def _copy_sums(x: torch.Tensor):
+    """`sum_copies` and `mix_copies_bwd`: the Triton kernels when `use_kernels` says so, else the references."""
+    if use_kernels(x):
+        from .kernels.copies.copies import mix_copies_bwd, sum_copies
+    else:
+        from .kernels.copies.naive import mix_copies_bwd_ref as mix_copies_bwd
+        from .kernels.copies.naive import sum_copies_ref as sum_copies
+    return sum_copies, mix_copies_bwd
+
+
 class _GatherCopies(torch.autograd.Function):
-    """Copy rows `x[token_of_copy]`; backward sums each token's A copies through the inverse map (a gather, no
-    atomics or sorting: every token has exactly A copies)."""
+    """Copy rows `x[token_of_copy]`; backward sums each token's A copies through the inverse map (no atomics or
+    sorting: every token has exactly A copies)."""
 
     @staticmethod
     def forward(ctx, x_NC, token_of_copy_M, copy_of_token_NA):
@@ -73,33 +84,25 @@ class _GatherCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_MC):
         (copy_of_token_NA,) = ctx.saved_tensors
-        N, A = copy_of_token_NA.shape
-        return d_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1).sum(1), None, None
+        sum_copies, _ = _copy_sums(d_MC)
+        return sum_copies(d_MC.contiguous(), copy_of_token_NA, None), None, None
 
 
 class _MixCopies(torch.autograd.Function):
-    """o_token = sum over the token's copies of weight * copy output; backward gathers too (see `_GatherCopies`)."""
+    """o_token = sum over the token's copies of weight * copy output (kernels/copies), and its backward."""
 
     @staticmethod
-    def forward(ctx, y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M):
-        ctx.save_for_backward(y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M)
-        N, A = copy_of_token_NA.shape
-        y_NAC = y_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1)
-        return (y_NAC * weight_NA[..., None].to(y_MC.dtype)).sum(1)
+    def forward(ctx, y_MC, weight_NA, copy_of_token_NA):
+        ctx.save_for_backward(y_MC, weight_NA, copy_of_token_NA)
+        sum_copies, _ = _copy_sums(y_MC)
+        return sum_copies(y_MC.contiguous(), copy_of_token_NA, weight_NA)
 
     @staticmethod
     def backward(ctx, d_NC):
-        y_MC, weight_NA, copy_of_token_NA, rank_of_copy_M = ctx.saved_tensors
-        N, A = copy_of_token_NA.shape
-        d_y = d_w = None
-        if ctx.needs_input_grad[0]:
-            w_M = weight_NA.reshape(-1).index_select(0, rank_of_copy_M)
-            d_y = d_NC.index_select(0, rank_of_copy_M // A) * w_M[:, None].to(d_NC.dtype)
-        if ctx.needs_input_grad[1]:
-            y_NAC = y_MC.index_select(0, copy_of_token_NA.reshape(-1)).reshape(N, A, -1)
-            dtype = torch.promote_types(y_MC.dtype, torch.float32)
-            d_w = (y_NAC.to(dtype) * d_NC[:, None].to(dtype)).sum(-1).to(weight_NA.dtype)
-        return d_y, d_w, None, None
+        y_MC, weight_NA, copy_of_token_NA = ctx.saved_tensors
+        _, mix_copies_bwd = _copy_sums(d_NC)
+        d_y, d_w = mix_copies_bwd(d_NC.contiguous(), y_MC.contiguous(), copy_of_token_NA, weight_NA)
+        return d_y, d_w.to(weight_NA.dtype), None
 
 
 def gather_copies(x_NC: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -109,7 +112,7 @@ def gather_copies(x_NC: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 def mix_copies(y_MC: torch.Tensor, packing: Packing) -> torch.Tensor:
     """o_token = sum over the token's copies of weight * copy output. Returns `[B*T, C]`."""
-    return _MixCopies.apply(y_MC, packing.weight_NA, packing.copy_of_token_NA, packing.rank_of_copy_M)
+    return _MixCopies.apply(y_MC, packing.weight_NA, packing.copy_of_token_NA)
 
 
 def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,13 @@ The transposed score matrix is computed by its own product, never by transposing
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from .chunk_state import value_row_width
 from .launch import autotune
 from .varlen import ChunkLayout
 
@@ -128,11 +131,13 @@ def chunk_output_bwd_kernel_dv(q, k, g, do, dv, cu_seqlens, chunk_indices, scale
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
-@autotune(CONFIGS, key=["H", "K", "V", "BK", "BV", "DELTA", "USE_G"])
+# ACCUMULATE adds to dq, dk, dw, dg: restore them between the configs autotuning tries.
+@autotune(CONFIGS, key=["H", "K", "V", "BK", "BV", "DELTA", "USE_G"], restore=("dq", "dk", "dw", "dg"))
 @triton.jit
 def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_seqlens, chunk_indices, scale,
-                                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                                  BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr):
+                                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr,
+                                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
+                                  USE_G: tl.constexpr, ACCUMULATE: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -147,11 +152,11 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
     k += i_h * K
     dq += i_h * K
     dk += i_h * K
-    v += i_h * V
-    do += i_h * V
+    v += i_h * VF
+    do += i_h * VF
     if DELTA:
         dw += i_h * K
-        dv += i_h * V
+        dv += i_h * VF
     h += (i_j.to(tl.int64) * H + i_h) * K * V
     dh += (i_j.to(tl.int64) * H + i_h) * K * V
 
@@ -161,7 +166,7 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0)  # [BT, BV]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         b_ds += tl.dot(b_do, tl.trans(b_v))
@@ -194,7 +199,7 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             m_tv = m_t[:, None] & m_v[None, :]
-            p_v = o_t[:, None] * (H * V) + o_v[None, :]
+            p_v = o_t[:, None] * (H * VF) + o_v[None, :]
             m_s = m_v[:, None] & m_k[None, :]
             p_s = o_v[:, None] + o_k[None, :] * V
             b_ht = tl.load(h + p_s, mask=m_s, other=0.0)  # [BV, BK]
@@ -218,14 +223,21 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
             b_dq *= scale
         b_dq += tl.dot(b_ds, b_k)
         b_dk += tl.dot(b_dst, b_q)
+        if USE_G:
+            b_dG += tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk * b_k.to(tl.float32), 1)
+            b_dG += tl.where(o_t == t_last, b_dG_last, 0.0)
+        if ACCUMULATE:  # the sums over the earlier value columns
+            b_dq += tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            b_dk += tl.load(dk + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            if DELTA:
+                b_dw -= tl.load(dw + p_k, mask=m_tk, other=0.0).to(tl.float32)
         tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
         tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
         if DELTA:
             tl.store(dw + p_k, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
-        if USE_G:
-            b_dG += tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk * b_k.to(tl.float32), 1)
-            b_dG += tl.where(o_t == t_last, b_dG_last, 0.0)
     if USE_G:
+        if ACCUMULATE:
+            b_dG += tl.load(dg + o_t * H + i_h, mask=m_t, other=0.0)
         tl.store(dg + o_t * H + i_h, b_dG, mask=m_t)
 
 
@@ -239,18 +251,16 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
 
 
 def chunk_output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: torch.Tensor,
-                     g_cum: torch.Tensor | None, scale: float, layout: ChunkLayout) -> torch.Tensor:
-    """o `[1, T, H, V]` (in v_new.dtype) from (normalised) q, k `[1, T, H, K]`, v_new `[1, T, H, V]`, the chunk-start
-    states h `[NC, H, K, V]` and the fp32 chunk-local cumsum g_cum `[1, T, H]` (None: no decay)."""
+                     g_cum: torch.Tensor | None, scale: float, layout: ChunkLayout, o: torch.Tensor) -> None:
+    """Write o `[1, T, H, V]` from (normalised) q, k `[1, T, H, K]`, v_new `[1, T, H, V]`, the chunk-start states h
+    `[NC, H, K, V]` and the fp32 chunk-local cumsum g_cum `[1, T, H]` (None: no decay)."""
     _, T, H, K = q.shape
     V = v_new.shape[-1]
     BK, BV = _blocks(K, V, 128)
-    o = _empty(v_new.shape, v_new.dtype, v_new.device)
     if layout.max_chunks:
         chunk_output_fwd_kernel[(layout.max_chunks * H,)](
             q, k, v_new, h, g_cum, o, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V,
             BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None)
-    return o
 
 
 def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | None, do: torch.Tensor,
@@ -267,23 +277,39 @@ def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | 
     return dv
 
 
+@dataclass
+class QKWGradients:
+    """dq, dk `[1, T, H, K]`, dw (delta family, else None) and the fp32 dG `[1, T, H]` (decay only, else None)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dw: torch.Tensor | None
+    dG: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, q: torch.Tensor, delta: bool, decay: bool) -> QKWGradients:
+        _, T, H, _ = q.shape
+        return cls(_empty(q.shape, q.dtype, q.device), _empty(q.shape, q.dtype, q.device),
+                   _empty(q.shape, q.dtype, q.device) if delta else None,
+                   _empty((1, T, H), torch.float32, q.device) if decay else None)
+
+
 def chunk_output_bwd_dqkwg(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: torch.Tensor,
                            dh: torch.Tensor, g_cum: torch.Tensor | None, do: torch.Tensor, dv: torch.Tensor | None,
-                           scale: float, layout: ChunkLayout
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dq, dk `[1, T, H, K]` (in q.dtype), dw (delta family: given dv, the whole gradient of v_new) and dG, the fp32
-    gradient `[1, T, H]` of the chunk-local cumsum g_cum (None without decay).
+                           scale: float, layout: ChunkLayout, grads: QKWGradients, accumulate: bool) -> None:
+    """Write (or, with accumulate, add to) dq, dk `[1, T, H, K]`, dw (delta family: given dv, the whole gradient of
+    v_new) and dG, the fp32 gradient `[1, T, H]` of the chunk-local cumsum g_cum (no decay: None).
 
-    h: chunk-start states and dh: chunk-end state gradients, both `[NC, H, K, V]`.
+    h: chunk-start states and dh: chunk-end state gradients, both `[NC, H, K, V]`. v_new, do and dv may be the same
+    column slice of wider tensors, with h and dh those columns' states: the gradients are then those columns' share,
+    and the shares of all column slices add up to the whole.
     """
     _, T, H, K = q.shape
     V = do.shape[-1]
+    VF = value_row_width([v_new, do, dv], [])
     BK, BV = _blocks(K, V, 64)
-    dq, dk = _empty(q.shape, q.dtype, q.device), _empty(k.shape, k.dtype, k.device)
-    dw = _empty(k.shape, k.dtype, k.device) if dv is not None else None
-    dG = _empty((1, T, H), torch.float32, q.device) if g_cum is not None else None
     if layout.max_chunks:
         chunk_output_bwd_kernel_dqkwg[(layout.max_chunks * H,)](
-            q, k, v_new, h, dh, g_cum, do, dv, dq, dk, dw, dG, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, DELTA=dv is not None, USE_G=g_cum is not None)
-    return dq, dk, dw, dG
+            q, k, v_new, h, dh, g_cum, do, dv, grads.dq, grads.dk, grads.dw, grads.dG, layout.cu_seqlens,
+            layout.chunk_indices, scale, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BK=BK, BV=BV,
+            DELTA=dv is not None, USE_G=g_cum is not None, ACCUMULATE=accumulate)

@@ -20,8 +20,8 @@ import triton.language as tl
 from .launch import autotune
 from .varlen import ChunkLayout
 
-# No program accumulates into memory: every config may be benchmarked on the real buffers. The single-stage ones
-# are for fp32 inputs at K = 256, where the pipelined configs need more shared memory than an H100 has.
+# The single-stage configs are for fp32 inputs at K = 256, where the pipelined ones need more shared memory than an
+# H100 has.
 CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s)
     for bv, w, s in [(32, 4, 2), (64, 4, 2), (32, 2, 3), (32, 4, 1), (16, 4, 1)]
@@ -60,7 +60,8 @@ def _cols(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: t
 @autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H: tl.constexpr,
-                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr, NKS: tl.constexpr,
+                           K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
+                           NKS: tl.constexpr,
                            BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
                            STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr):
     NV = tl.cdiv(V, BV)
@@ -73,11 +74,11 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     k += i_h * K
-    v += i_h * V
+    v += i_h * VF
     if DELTA:
         w += i_h * K
     if STORE_V_NEW:
-        v_new += i_h * V
+        v_new += i_h * VF
     if USE_G:
         g += i_h
     o_s1, m_s1 = _state_tile(o_v, m_v, 0, K, V, BKS)
@@ -85,26 +86,26 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
     o_s3, m_s3 = _state_tile(o_v, m_v, 2, K, V, BKS)
     o_s4, m_s4 = _state_tile(o_v, m_v, 3, K, V, BKS)
     if USE_H0:
-        h0 += i_nh.to(tl.int64) * K * V
+        h0 += i_nh.to(tl.int64) * K * VF
 
     # [BKS, BV] fp32 blocks of the state
     if USE_H0:
-        b_h1 = tl.load(h0 + o_s1, mask=m_s1, other=0.0).to(tl.float32)
+        b_h1 = tl.load(h0 + _state_tile(o_v, m_v, 0, K, VF, BKS)[0], mask=m_s1, other=0.0).to(tl.float32)
     else:
         b_h1 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 1:
         if USE_H0:
-            b_h2 = tl.load(h0 + o_s2, mask=m_s2, other=0.0).to(tl.float32)
+            b_h2 = tl.load(h0 + _state_tile(o_v, m_v, 1, K, VF, BKS)[0], mask=m_s2, other=0.0).to(tl.float32)
         else:
             b_h2 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 2:
         if USE_H0:
-            b_h3 = tl.load(h0 + o_s3, mask=m_s3, other=0.0).to(tl.float32)
+            b_h3 = tl.load(h0 + _state_tile(o_v, m_v, 2, K, VF, BKS)[0], mask=m_s3, other=0.0).to(tl.float32)
         else:
             b_h3 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 3:
         if USE_H0:
-            b_h4 = tl.load(h0 + o_s4, mask=m_s4, other=0.0).to(tl.float32)
+            b_h4 = tl.load(h0 + _state_tile(o_v, m_v, 3, K, VF, BKS)[0], mask=m_s4, other=0.0).to(tl.float32)
         else:
             b_h4 = tl.zeros([BKS, BV], dtype=tl.float32)
 
@@ -122,7 +123,7 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
             tl.store(p_h + o_s4, b_h4.to(h.dtype.element_ty), mask=m_s4)
 
         m_tv = m_t[:, None] & m_v[None, :]
-        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         if DELTA:
             # v_new = u - W h
@@ -158,20 +159,23 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
             b_h4 += tl.dot(_cols(k, o_t, m_t, 3, H, K, BKS), b_v)
 
     if STORE_HT:
-        p_ht = ht + i_nh.to(tl.int64) * K * V
-        tl.store(p_ht + o_s1, b_h1, mask=m_s1)
+        p_ht = ht + i_nh.to(tl.int64) * K * VF
+        tl.store(p_ht + _state_tile(o_v, m_v, 0, K, VF, BKS)[0], b_h1, mask=m_s1)
         if NKS > 1:
-            tl.store(p_ht + o_s2, b_h2, mask=m_s2)
+            tl.store(p_ht + _state_tile(o_v, m_v, 1, K, VF, BKS)[0], b_h2, mask=m_s2)
         if NKS > 2:
-            tl.store(p_ht + o_s3, b_h3, mask=m_s3)
+            tl.store(p_ht + _state_tile(o_v, m_v, 2, K, VF, BKS)[0], b_h3, mask=m_s3)
         if NKS > 3:
-            tl.store(p_ht + o_s4, b_h4, mask=m_s4)
+            tl.store(p_ht + _state_tile(o_v, m_v, 3, K, VF, BKS)[0], b_h4, mask=m_s4)
 
 
-@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
+# dv may be dv_local itself (updated in place): restore it between the configs autotuning tries.
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune},
+          restore=("dv_local",))
 @triton.jit
 def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr,
+                           BKS: tl.constexpr,
                            NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
                            USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
     NV = tl.cdiv(V, BV)
@@ -189,34 +193,34 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlen
         w += i_h * K
     if USE_G:
         g += i_h
-    do += i_h * V
-    dv_local += i_h * V
-    dv += i_h * V
+    do += i_h * VF
+    dv_local += i_h * VF
+    dv += i_h * VF
     o_s1, m_s1 = _state_tile(o_v, m_v, 0, K, V, BKS)
     o_s2, m_s2 = _state_tile(o_v, m_v, 1, K, V, BKS)
     o_s3, m_s3 = _state_tile(o_v, m_v, 2, K, V, BKS)
     o_s4, m_s4 = _state_tile(o_v, m_v, 3, K, V, BKS)
     if USE_DHT:
-        dht += i_nh.to(tl.int64) * K * V
+        dht += i_nh.to(tl.int64) * K * VF
 
     # [BKS, BV] fp32 blocks of the state gradient
     if USE_DHT:
-        b_dh1 = tl.load(dht + o_s1, mask=m_s1, other=0.0).to(tl.float32)
+        b_dh1 = tl.load(dht + _state_tile(o_v, m_v, 0, K, VF, BKS)[0], mask=m_s1, other=0.0).to(tl.float32)
     else:
         b_dh1 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 1:
         if USE_DHT:
-            b_dh2 = tl.load(dht + o_s2, mask=m_s2, other=0.0).to(tl.float32)
+            b_dh2 = tl.load(dht + _state_tile(o_v, m_v, 1, K, VF, BKS)[0], mask=m_s2, other=0.0).to(tl.float32)
         else:
             b_dh2 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 2:
         if USE_DHT:
-            b_dh3 = tl.load(dht + o_s3, mask=m_s3, other=0.0).to(tl.float32)
+            b_dh3 = tl.load(dht + _state_tile(o_v, m_v, 2, K, VF, BKS)[0], mask=m_s3, other=0.0).to(tl.float32)
         else:
             b_dh3 = tl.zeros([BKS, BV], dtype=tl.float32)
     if NKS > 3:
         if USE_DHT:
-            b_dh4 = tl.load(dht + o_s4, mask=m_s4, other=0.0).to(tl.float32)
+            b_dh4 = tl.load(dht + _state_tile(o_v, m_v, 3, K, VF, BKS)[0], mask=m_s4, other=0.0).to(tl.float32)
         else:
             b_dh4 = tl.zeros([BKS, BV], dtype=tl.float32)
 
@@ -243,7 +247,7 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlen
         if NKS > 3:
             b_dv += tl.dot(_rows(k, o_t, m_t, 3, H, K, BKS), b_dh4.to(k.dtype.element_ty))
         m_tv = m_t[:, None] & m_v[None, :]
-        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         if USE_G:
             b_g_last = tl.load(g + (tl.minimum(t0 + BT, eos) - 1) * H).to(tl.float32)
@@ -283,14 +287,14 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlen
                 b_dh4 -= tl.dot(_cols(w, o_t, m_t, 3, H, K, BKS), b_dv)
 
     if STORE_DH0:
-        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
-        tl.store(p_dh0 + o_s1, b_dh1, mask=m_s1)
+        p_dh0 = dh0 + i_nh.to(tl.int64) * K * VF
+        tl.store(p_dh0 + _state_tile(o_v, m_v, 0, K, VF, BKS)[0], b_dh1, mask=m_s1)
         if NKS > 1:
-            tl.store(p_dh0 + o_s2, b_dh2, mask=m_s2)
+            tl.store(p_dh0 + _state_tile(o_v, m_v, 1, K, VF, BKS)[0], b_dh2, mask=m_s2)
         if NKS > 2:
-            tl.store(p_dh0 + o_s3, b_dh3, mask=m_s3)
+            tl.store(p_dh0 + _state_tile(o_v, m_v, 2, K, VF, BKS)[0], b_dh3, mask=m_s3)
         if NKS > 3:
-            tl.store(p_dh0 + o_s4, b_dh4, mask=m_s4)
+            tl.store(p_dh0 + _state_tile(o_v, m_v, 3, K, VF, BKS)[0], b_dh4, mask=m_s4)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -308,10 +312,26 @@ def _grid(N: int, H: int, V: int):
     return lambda meta: (triton.cdiv(V, meta["BV"]) * N * H,)
 
 
+def value_row_width(per_token: list[torch.Tensor | None], per_state: list[torch.Tensor | None]) -> int:
+    """VF, the full per-head value width behind value-column views: `[1, T, H, V]` tensors (or a column slice of
+    `[1, T, H, VF]` ones) and `[N, H, K, V]` states (or slices of `[N, H, K, VF]`), all with unit column stride."""
+    widths = {x.stride(2) for x in per_token + per_state if x is not None}
+    assert len(widths) == 1, f"value tensors of different widths {widths}"
+    VF = widths.pop()
+    for x in per_token:
+        assert x is None or (x.stride(3) == 1 and x.stride(1) == x.shape[2] * VF), "not a column view of [1,T,H,VF]"
+    for x in per_state:
+        assert x is None or (x.stride(3) == 1 and x.stride(1) == x.shape[2] * VF and x.stride(0) == x.shape[1] *
+                             x.stride(1)), "not a column view of [N, H, K, VF]"
+    return VF
+
+
 def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
-                    h0: torch.Tensor | None, layout: ChunkLayout, *, output_final_state: bool,
-                    store_v_new: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """States at every chunk start, the corrected values (delta family) and the final states.
+                    h0: torch.Tensor | None, layout: ChunkLayout, *, ht: torch.Tensor | None = None,
+                    v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """The states at every chunk start; also writes the corrected values (delta family) and the final states.
+
+    Value tensors may be the same column slice of wider ones (`value_row_width`): the pass runs on those columns.
 
     Args:
         k: `[1, T, H, K]` (normalised) keys.
@@ -320,50 +340,50 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
         g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None (no decay).
         h0: `[N, H, K, V]` fp32 initial states, or None for zeros.
         layout: the varlen chunk layout.
-        output_final_state: also return the fp32 final states `[N, H, K, V]`.
-        store_v_new: (delta family) also return v_new = u - W h `[1, T, H, V]` in v.dtype.
+        ht: where to write the fp32 final states `[N, H, K, V]`, or None.
+        v_new: (delta family) where to write v_new = u - W h `[1, T, H, V]`, or None.
 
     Returns:
-        h `[NC, H, K, V]` in k.dtype (row j: the state at the start of global chunk j), v_new or None, ht or None.
+        h `[NC, H, K, V]` in k.dtype (row j: the state at the start of global chunk j).
     """
     _, T, H, K = k.shape
     V, N = v.shape[-1], layout.num_segments
+    VF = value_row_width([v, v_new], [h0, ht])
     h = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
-    v_new = _empty(v.shape, v.dtype, v.device) if w is not None and store_v_new else None
-    ht = _empty((N, H, K, V), torch.float32, k.device) if output_final_state else None
     BKS = _state_block(K)
     chunk_state_fwd_kernel[_grid(N, H, V)](
-        k, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V,
+        k, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, VF=VF,
         BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
-        USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_V_NEW=v_new is not None)
-    return h, v_new, ht
+        USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_V_NEW=w is not None and v_new is not None)
+    return h
 
 
 def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
-                    do: torch.Tensor, dv_local: torch.Tensor, dht: torch.Tensor | None, layout: ChunkLayout,
-                    scale: float, *, output_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of the states at every chunk end, of v_new, and of the initial states.
+                    do: torch.Tensor, dv_local: torch.Tensor, dv: torch.Tensor, dht: torch.Tensor | None,
+                    dh0: torch.Tensor | None, layout: ChunkLayout, scale: float) -> torch.Tensor:
+    """Gradients of the states at every chunk end; also writes the gradients of v_new and of the initial states.
+
+    Value tensors may be the same column slice of wider ones (`value_row_width`): the pass runs on those columns.
 
     Args:
         q, k: `[1, T, H, K]` (normalised) queries and keys; w: `[1, T, H, K]` (delta family) or None.
         g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None.
         do: `[1, T, H, V]` output gradient; dv_local: `[1, T, H, V]` its part of the v_new gradient from inside
             the chunks (`chunk_output_bwd_dv`).
+        dv: where to write the whole gradient of v_new `[1, T, H, V]` (may be dv_local itself).
         dht: `[N, H, K, V]` gradient of the final states, or None.
-        output_dh0: also return the fp32 gradient of the initial states `[N, H, K, V]`.
+        dh0: where to write the fp32 gradient of the initial states `[N, H, K, V]`, or None.
 
     Returns:
-        dh `[NC, H, K, V]` in k.dtype (row j: the gradient of the state at the end of global chunk j),
-        dv `[1, T, H, V]` (the whole gradient of v_new, in dv_local.dtype) and dh0 or None.
+        dh `[NC, H, K, V]` in k.dtype (row j: the gradient of the state at the end of global chunk j).
     """
     _, T, H, K = k.shape
     V, N = do.shape[-1], layout.num_segments
+    VF = value_row_width([do, dv_local, dv], [dht, dh0])
     dh = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
-    dv = _empty(dv_local.shape, dv_local.dtype, dv_local.device)
-    dh0 = _empty((N, H, K, V), torch.float32, k.device) if output_dh0 else None
     BKS = _state_block(K)
     chunk_state_bwd_kernel[_grid(N, H, V)](
         q, k, w, g_cum, do, dv_local, dv, dh, dht, dh0, layout.cu_seqlens, layout.chunk_offsets, scale, H=H, K=K,
-        V=V, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
-        USE_DHT=dht is not None, STORE_DH0=output_dh0)
-    return dh, dv, dh0
+        V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None,
+        USE_G=g_cum is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
+    return dh

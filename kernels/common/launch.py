@@ -12,6 +12,28 @@ CHUNK_SIZE = 64
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """`triton.autotune` on a GPU; under TRITON_INTERPRET=1 (CPU CI) the first config alone, which is not timed."""
+def autotune(configs: list[triton.Config], key: list[str], restore: tuple[str, ...] = (), **kwargs):
+    """`triton.autotune` on a GPU; under TRITON_INTERPRET=1 (CPU CI) the first config alone, which is not timed.
+
+    restore: tensor arguments the kernel updates in place (None allowed), put back after each config is timed.
+    (Triton's own `restore_value` clones None arguments too, and fails on them, in Triton 3.6.)
+    """
+    if restore:
+        kwargs.update(_restoring(restore))
     return triton.autotune(configs[:1] if INTERPRETED else configs, key=key, **kwargs)
+
+
+def _restoring(names: tuple[str, ...]) -> dict:
+    """Autotune pre/post hooks that save the named tensor arguments before a timed run and put them back after."""
+    saved = {}
+
+    def pre_hook(nargs, reset_only=False):
+        if not reset_only:
+            saved.update({name: nargs[name].clone() for name in names if nargs[name] is not None})
+
+    def post_hook(nargs, exception):
+        for name, value in saved.items():
+            nargs[name].copy_(value)
+        saved.clear()
+
+    return {"pre_hook": pre_hook, "post_hook": post_hook}

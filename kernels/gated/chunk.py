@@ -2,6 +2,7 @@
 
 Forward: l2norm(q, k) -> chunk-local cumsum of g -> chunk-start states h (sequential over chunks) -> outputs.
 Backward recomputes h, then dv_local -> state gradients dh (sequential, reversed) -> dq, dk, dG -> dg, dq, dk.
+The state passes run over value-column slices (kernels/common/state_passes.py).
 Only the inputs and small per-token values are kept for backward. See kernels/common/README.md.
 """
 # Shapes: B batch, T time, H heads, K key dim, V value dim, N segments.
@@ -11,11 +12,11 @@ import torch
 from torch import Tensor
 
 from .._ref_utils import _check_shape, _segments
-from ..common.chunk_output import chunk_output_bwd_dqkwg, chunk_output_bwd_dv, chunk_output_fwd
-from ..common.chunk_state import MAX_K, chunk_state_bwd, chunk_state_fwd
+from ..common.chunk_state import MAX_K
 from ..common.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from ..common.l2norm import l2norm_bwd, l2norm_fwd
 from ..common.launch import CHUNK_SIZE, INTERPRETED
+from ..common.state_passes import state_gradients, states_and_output
 from ..common.varlen import ChunkLayout, chunk_layout
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -113,9 +114,7 @@ def chunk_gated_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_s
         k, rstd_k = l2norm_fwd(k)
     g_cum = None if g is None else chunk_cumsum_fwd(pack(g), layout)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    h, _, ht = chunk_state_fwd(k, v, None, g_cum, h0, layout, output_final_state=output_final_state,
-                               store_v_new=False)
-    o = chunk_output_fwd(q, k, v, h, g_cum, scale, layout)
+    o, ht = states_and_output(q, k, v, None, g_cum, h0, layout, scale, output_final_state)
     return o, ht, q, k, rstd_q, rstd_k, g_cum
 
 
@@ -134,13 +133,9 @@ def chunk_gated_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor | None, initi
     q, k, v, do = pack(q, dtype), pack(k, dtype), pack(v, dtype), pack(do, dtype)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    h, _, _ = chunk_state_fwd(k, v, None, g_cum, h0, layout, output_final_state=False, store_v_new=False)
-    dv_local = chunk_output_bwd_dv(q, k, g_cum, do, scale, layout)
-    dh, dv, dh0 = chunk_state_bwd(q, k, None, g_cum, do, dv_local, dht, layout, scale, output_dh0=h0 is not None)
-    del dv_local
-    dq, dk, _, dG = chunk_output_bwd_dqkwg(q, k, v, h, dh, g_cum, do, None, scale, layout)
-    del h, dh
-    dg = None if g_cum is None else chunk_cumsum_bwd(dG, layout, torch.float32)
+    grads, dv, dh0 = state_gradients(q, k, v, None, g_cum, h0, do, dht, layout, scale)
+    dg = None if g_cum is None else chunk_cumsum_bwd(grads.dG, layout, torch.float32)
+    dq, dk = grads.dq, grads.dk
     if rstd_q is not None:
         dq = l2norm_bwd(q, rstd_q.contiguous(), dq)
         dk = l2norm_bwd(k, rstd_k.contiguous(), dk)

@@ -3,7 +3,8 @@
 Forward: l2norm(q, k) -> chunk-local cumsum of g -> WY factors w, u (wy.py) -> chunk-start states h and
 v_new = u - w h (sequential over chunks) -> outputs. Backward recomputes w, u, h, v_new, then dv_local -> state
 gradients dh and dv_new (sequential, reversed) -> dq, dk, dw, dG -> WY backward -> dg, dq, dk.
-Only the inputs and small per-token values are kept for backward. See kernels/common/README.md.
+The state passes run over value-column slices (kernels/common/state_passes.py). Only the inputs and small
+per-token values are kept for backward. See kernels/common/README.md.
 """
 # Shapes: B batch, T time, H heads, K key dim, V value dim, N segments.
 # No `from __future__ import annotations`: torch.library reads the custom ops' signatures from real annotations.
@@ -11,10 +12,9 @@ Only the inputs and small per-token values are kept for backward. See kernels/co
 import torch
 from torch import Tensor
 
-from ..common.chunk_output import chunk_output_bwd_dqkwg, chunk_output_bwd_dv, chunk_output_fwd
-from ..common.chunk_state import chunk_state_bwd, chunk_state_fwd
 from ..common.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from ..common.l2norm import l2norm_bwd, l2norm_fwd
+from ..common.state_passes import state_gradients, states_and_output
 from ..gated.chunk import (
     cast_grads,
     check_chunk_inputs,
@@ -46,10 +46,7 @@ def chunk_gated_delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tens
     g_cum = None if g is None else chunk_cumsum_fwd(pack(g), layout)
     w, u, _ = wy_fwd(k, v, beta, g_cum, layout)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    h, v_new, ht = chunk_state_fwd(k, u, w, g_cum, h0, layout, output_final_state=output_final_state,
-                                   store_v_new=True)
-    del w, u
-    o = chunk_output_fwd(q, k, v_new, h, g_cum, scale, layout)
+    o, ht = states_and_output(q, k, u, w, g_cum, h0, layout, scale, output_final_state)
     return o, ht, q, k, rstd_q, rstd_k, g_cum
 
 
@@ -69,15 +66,11 @@ def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: 
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
     w, u, A_inv = wy_fwd(k, v, beta, g_cum, layout)
-    h, v_new, _ = chunk_state_fwd(k, u, w, g_cum, h0, layout, output_final_state=False, store_v_new=True)
-    del u
-    dv_local = chunk_output_bwd_dv(q, k, g_cum, do, scale, layout)
-    dh, dv_new, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dv_local, dht, layout, scale, output_dh0=h0 is not None)
-    del dv_local, w
-    dq, dk, dw, dG = chunk_output_bwd_dqkwg(q, k, v_new, h, dh, g_cum, do, dv_new, scale, layout)
-    del h, dh, v_new
-    dk_wy, dv, dbeta, dG_wy = wy_bwd(k, v, beta, g_cum, A_inv, dw, dv_new, layout)
-    dg = None if g_cum is None else chunk_cumsum_bwd(dG, layout, torch.float32, dG_wy)
+    grads, dv_new, dh0 = state_gradients(q, k, u, w, g_cum, h0, do, dht, layout, scale)
+    del w, u
+    dq, dk = grads.dq, grads.dk
+    dk_wy, dv, dbeta, dG_wy = wy_bwd(k, v, beta, g_cum, A_inv, grads.dw, dv_new, layout)
+    dg = None if g_cum is None else chunk_cumsum_bwd(grads.dG, layout, torch.float32, dG_wy)
     if rstd_q is not None:
         dq = l2norm_bwd(q, rstd_q.contiguous(), dq)
         dk = l2norm_bwd(k, rstd_k.contiguous(), dk, dk_wy.contiguous())

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import DEVICE
 
-from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm
+from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm, state_passes
 from momctl.kernels.gated import chunk_gated_rule
 from momctl.kernels.gated.naive import recurrent_gated_rule_ref
 
@@ -31,7 +31,7 @@ def poison(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    for module in (chunk_output, chunk_state, cumsum, l2norm):
+    for module in (chunk_output, chunk_state, cumsum, l2norm, state_passes):
         monkeypatch.setattr(module, "_empty", nan_empty)
 
 
@@ -60,6 +60,18 @@ def test_matches_reference(gen, rule, case):
     inputs = make_inputs(gen, B, T, H, K, V, rule, init, dtype=dtype)
     check_against_reference(gen, inputs, B, use_qk_l2norm=use_qk_l2norm)
 
+
+
+@pytest.mark.parametrize("case", ["T1", "T40_K24_V20", "T65_f64_inputs"])
+@pytest.mark.parametrize("rule", RULES)
+def test_state_passes_over_value_slices(gen, monkeypatch, rule, case):
+    """The state passes over slices of 16 value columns (the 340M layer's V = 256 runs as two slices of 128): the
+    same output, final state and gradients, with the last slice narrower when 16 does not divide V."""
+    monkeypatch.setattr(state_passes, "VALUE_SLICE", 16)
+    B, T, H, K, V, init, use_qk_l2norm, dtype = CASES[case]
+    assert V > 16
+    inputs = make_inputs(gen, B, T, H, K, V, rule, init, dtype=dtype)
+    check_against_reference(gen, inputs, B, use_qk_l2norm=use_qk_l2norm)
 
 @pytest.mark.parametrize("rule", RULES)
 def test_varlen_with_empty_and_short_segments(gen, rule):

@@ -36,13 +36,13 @@ def kernel_and_reference(rule):
 @pytest.fixture
 def poison(monkeypatch):
     """Fresh kernel outputs start as NaN, so an element no kernel writes fails the comparison."""
-    from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm
+    from momctl.kernels.common import chunk_output, chunk_state, cumsum, l2norm, state_passes
     from momctl.kernels.gated_delta import wy
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    for module in (chunk_output, chunk_state, cumsum, l2norm, wy):
+    for module in (chunk_output, chunk_state, cumsum, l2norm, state_passes, wy):
         monkeypatch.setattr(module, "_empty", nan_empty)
 
 
