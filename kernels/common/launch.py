@@ -14,13 +14,21 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 def autotune(configs: list[triton.Config], key: list[str], restore: tuple[str, ...] = (), **kwargs):
     """`triton.autotune` on a GPU; under TRITON_INTERPRET=1 (CPU CI) the first config alone, which is not timed.
+    Either way the tuner keeps every config as `all_configs`, so tests can run each one.
 
     restore: tensor arguments the kernel updates in place (None allowed), put back after each config is timed.
     (Triton's own `restore_value` clones None arguments too, and fails on them, in Triton 3.6.)
     """
     if restore:
         kwargs.update(_restoring(restore))
-    return triton.autotune(configs[:1] if INTERPRETED else configs, key=key, **kwargs)
+    decorate = triton.autotune(configs[:1] if INTERPRETED else configs, key=key, **kwargs)
+
+    def keeping_all_configs(fn):
+        tuner = decorate(fn)
+        tuner.all_configs = list(configs)
+        return tuner
+
+    return keeping_all_configs
 
 
 def _restoring(names: tuple[str, ...]) -> dict:
