@@ -1,6 +1,7 @@
 """The comparison metric of the kernel tests, and the kernel-against-reference check of the chunk kernels."""
 
 import torch
+import torch.nn.functional as F
 
 # tests/conftest.py runs the kernels in Triton's interpreter without CUDA; with CUDA they run compiled.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,3 +45,46 @@ def check_against_reference(gen, kernel, reference, inputs, N, rtol, floors=None
     for i, grad, grad_ref in zip(given, grads, grads_ref, strict=True):
         assert grad.dtype == inputs[i].dtype
         assert_close(grad, grad_ref, rtol, (floors or {}).get(i, 1e-8))
+
+
+def varlen_rule_inputs(delta, lengths, H, K, dtype, gen):
+    """cu_seqlens and the leaves q, k, v (in dtype), beta (dtype; None without delta), g (fp32, a realistic decay
+    -exp(A_log) softplus(.)) and h0 (fp32, one per segment) of a varlen chunk-rule call with V = K."""
+    T, N = sum(lengths), len(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = (randn(1, T, H, K).to(dtype) for _ in range(3))
+    beta = torch.rand(1, T, H, generator=gen).to(dtype) if delta else None
+    g = -torch.rand(H, generator=gen).mul(2).exp() * F.softplus(randn(1, T, H) - 2)
+    h0 = randn(N, H, K, K)
+    return cu, [None if x is None else x.to(DEVICE).requires_grad_() for x in (q, k, v, beta, g, h0)]
+
+
+def rule_outputs_and_grads(fn, inputs, cu):
+    """[o, final state, the gradient of every given input] of fn(q, k, v, [beta,] g) for fixed random output
+    gradients; inputs as from `varlen_rule_inputs` (beta None: the gated family's signature)."""
+    q, k, v, beta, g, h0 = inputs
+    args = (q, k, v, g) if beta is None else (q, k, v, beta, g)
+    o, s = fn(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    gen = torch.Generator().manual_seed(1)
+    grad_o = torch.randn(o.shape, generator=gen).to(o.dtype).to(DEVICE)
+    grad_s = torch.randn(s.shape, generator=gen).to(DEVICE)
+    leaves = [x for x in inputs if x is not None]
+    return [o, s, *torch.autograd.grad((o.float() * grad_o.float()).sum() + (s * grad_s).sum(), leaves)]
+
+
+def assert_all_close(actual, expected, inputs, rtol, looser=None):
+    """assert_close on o, state and each gradient of `rule_outputs_and_grads`, naming the tensor that fails.
+
+    looser: {name: rtol} for tensors held to another bound.
+    """
+    names = ["o", "state"] + [n for n, x in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], inputs, strict=True)
+                              if x is not None]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        try:
+            assert_close(a, e.to(a.dtype), (looser or {}).get(name, rtol))
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
