@@ -5,6 +5,8 @@ bug that hits one tiling or warp count, as Triton 3.4-3.7 on Hopper is known to 
 the machine whose autotuner happened to pick another. Here one kernel runs each of its configs in turn while every
 other kernel runs its first config, so a failure names the config. On the CPU (interpreter) this checks the kernels'
 indexing for each config's block sizes; on the GPU (`pytest -m gpu`) it runs the compiled configs at real head sizes.
+There every case compiles its config: run it in parts, e.g. `pytest -m gpu tests/kernels/test_every_config.py -k
+"wy_bwd and 256"`.
 """
 
 import pytest
