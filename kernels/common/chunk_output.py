@@ -134,10 +134,11 @@ def chunk_output_bwd_kernel_dv(q, k, g, do, dv, cu_seqlens, chunk_indices, scale
 # ACCUMULATE adds to dq, dk, dw, dg: restore them between the configs autotuning tries.
 @autotune(CONFIGS, key=["H", "K", "V", "BK", "BV", "DELTA", "USE_G"], restore=("dq", "dk", "dw", "dg"))
 @triton.jit
-def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_seqlens, chunk_indices, scale,
-                                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr,
+def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, hdh, g, do, dv, dq, dk, dw, dg, cu_seqlens, chunk_indices, scale,
+                                  NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr,
                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
-                                  USE_G: tl.constexpr, ACCUMULATE: tl.constexpr):
+                                  USE_G: tl.constexpr, ACCUMULATE: tl.constexpr, HDH_ROWS: tl.constexpr,
+                                  BR: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -179,7 +180,10 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
         b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
         b_ds = b_ds * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], float("-inf")))
         b_dst = b_dst * tl.exp(tl.where(m_At, b_g[None, :] - b_g[:, None], float("-inf")))
-        b_dG = tl.zeros([BT], dtype=tl.float32)
+        # the state update's share of dG_L, part 1: e^{G_L} <h, dh'> (summed by the state pass, shares per V block)
+        o_r = tl.arange(0, BR)
+        b_hdh = tl.sum(tl.load(hdh + (o_r * NC + i_j) * H + i_h, mask=o_r < HDH_ROWS, other=0.0), 0)
+        b_dG = tl.where(o_t == t_last, b_hdh * tl.exp(b_g_last), 0.0)
     else:
         b_ds = tl.where(m_A, b_ds, 0.0)
         b_dst = tl.where(m_At, b_dst, 0.0)
@@ -193,8 +197,6 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         if DELTA:
             b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-        if USE_G:
-            b_hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
@@ -208,8 +210,6 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
             b_dk += tl.dot(tl.load(v + p_v, mask=m_tv, other=0.0), b_dht)
             if DELTA:
                 b_dw += tl.dot(tl.load(dv + p_v, mask=m_tv, other=0.0), b_ht)
-            if USE_G:
-                b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
         m_tk = m_t[:, None] & m_k[None, :]
         p_k = o_t[:, None] * (H * K) + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0)  # [BT, BK]
@@ -217,8 +217,8 @@ def chunk_output_bwd_kernel_dqkwg(q, k, v, h, dh, g, do, dv, dq, dk, dw, dg, cu_
         if USE_G:
             b_dq *= (tl.exp(b_g) * scale)[:, None]
             b_dk *= tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
-            # the state update's share of dG_L: e^{G_L} <h, dh'> + sum(K * dK_state)
-            b_dG_last = tl.sum(b_hdh) * tl.exp(b_g_last) + tl.sum(b_dk * b_k.to(tl.float32))
+            # part 2: sum(K * dK_state)
+            b_dG_last = tl.sum(b_dk * b_k.to(tl.float32))
         else:
             b_dq *= scale
         b_dq += tl.dot(b_ds, b_k)
@@ -295,21 +295,25 @@ class QKWGradients:
 
 
 def chunk_output_bwd_dqkwg(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: torch.Tensor,
-                           dh: torch.Tensor, g_cum: torch.Tensor | None, do: torch.Tensor, dv: torch.Tensor | None,
-                           scale: float, layout: ChunkLayout, grads: QKWGradients, accumulate: bool) -> None:
+                           dh: torch.Tensor, hdh: torch.Tensor | None, g_cum: torch.Tensor | None, do: torch.Tensor,
+                           dv: torch.Tensor | None, scale: float, layout: ChunkLayout, grads: QKWGradients,
+                           accumulate: bool) -> None:
     """Write (or, with accumulate, add to) dq, dk `[1, T, H, K]`, dw (delta family: given dv, the whole gradient of
     v_new) and dG, the fp32 gradient `[1, T, H]` of the chunk-local cumsum g_cum (no decay: None).
 
-    h: chunk-start states and dh: chunk-end state gradients, both `[NC, H, K, V]`. v_new, do and dv may be the same
-    column slice of wider tensors, with h and dh those columns' states: the gradients are then those columns' share,
-    and the shares of all column slices add up to the whole.
+    h: chunk-start states and dh: chunk-end state gradients, both `[NC, H, K, V]`; hdh: with a decay, the shares of
+    <h, dh'> per chunk from `chunk_state_bwd` (`[rows, NC, H]`, summed over rows), else None. v_new, do and dv may be
+    the same column slice of wider tensors, with h, dh and hdh those columns' states: the gradients are then those
+    columns' share, and the shares of all column slices add up to the whole.
     """
     _, T, H, K = q.shape
     V = do.shape[-1]
     VF = value_row_width([v_new, do, dv], [])
     BK, BV = _blocks(K, V, 64)
+    rows = 1 if hdh is None else hdh.shape[0]
     if layout.max_chunks:
         chunk_output_bwd_kernel_dqkwg[(layout.max_chunks * H,)](
-            q, k, v_new, h, dh, g_cum, do, dv, grads.dq, grads.dk, grads.dw, grads.dG, layout.cu_seqlens,
-            layout.chunk_indices, scale, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BK=BK, BV=BV,
-            DELTA=dv is not None, USE_G=g_cum is not None, ACCUMULATE=accumulate)
+            q, k, v_new, h, dh, hdh, g_cum, do, dv, grads.dq, grads.dk, grads.dw, grads.dG, layout.cu_seqlens,
+            layout.chunk_indices, scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BK=BK,
+            BV=BV, DELTA=dv is not None, USE_G=g_cum is not None, ACCUMULATE=accumulate, HDH_ROWS=rows,
+            BR=triton.next_power_of_2(rows))

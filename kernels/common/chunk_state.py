@@ -169,15 +169,16 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
             tl.store(p_ht + _state_tile(o_v, m_v, 3, K, VF, BKS)[0], b_h4, mask=m_s4)
 
 
-# dv may be dv_local itself (updated in place): restore it between the configs autotuning tries.
+# dv may be dv_local itself (updated in place), and a config writes only its own value blocks' rows of the
+# zero-filled hdh: restore both between the configs autotuning tries.
 @autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune},
-          restore=("dv_local",))
+          restore=("dv_local", "hdh"))
 @triton.jit
-def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, cu_seqlens, chunk_offsets, scale, NC,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr,
                            BKS: tl.constexpr,
                            NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
-                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_HDH: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -237,6 +238,16 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, cu_seqlen
             tl.store(p_dh + o_s3, b_dh3.to(dh.dtype.element_ty), mask=m_s3)
         if NKS > 3:
             tl.store(p_dh + o_s4, b_dh4.to(dh.dtype.element_ty), mask=m_s4)
+        if STORE_HDH:  # <h, dh'> of this chunk's value block, from the fp32 dh' (see chunk_state_bwd)
+            p_h = h + ((boc + i_c) * H + i_h) * K * V
+            b_hdh = tl.sum(tl.sum(tl.load(p_h + o_s1, mask=m_s1, other=0.0).to(tl.float32) * b_dh1, 1), 0)
+            if NKS > 1:
+                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s2, mask=m_s2, other=0.0).to(tl.float32) * b_dh2, 1), 0)
+            if NKS > 2:
+                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s3, mask=m_s3, other=0.0).to(tl.float32) * b_dh3, 1), 0)
+            if NKS > 3:
+                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s4, mask=m_s4, other=0.0).to(tl.float32) * b_dh4, 1), 0)
+            tl.store(hdh + (i_v * NC + boc + i_c) * H + i_h, b_hdh)
 
         # dv = dv_local + (K * e^{G_L - G}) dh'
         b_dv = tl.dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty))  # [BT, BV]
@@ -360,8 +371,13 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
 
 def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
                     do: torch.Tensor, dv_local: torch.Tensor, dv: torch.Tensor, dht: torch.Tensor | None,
-                    dh0: torch.Tensor | None, layout: ChunkLayout, scale: float) -> torch.Tensor:
+                    dh0: torch.Tensor | None, h: torch.Tensor, layout: ChunkLayout, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of the states at every chunk end; also writes the gradients of v_new and of the initial states.
+
+    With a decay it also returns <h, dh'> of every chunk (chunk-start state h, chunk-end gradient dh'), which the
+    decay's gradient needs: summed here from the fp32 dh' in registers, since the sum over K x V products of the
+    stored bf16 dh' loses too much (gated delta dg with an initial state, K = 256: 1.2e-2 against 3.4e-3).
 
     Value tensors may be the same column slice of wider ones (`value_row_width`): the pass runs on those columns.
 
@@ -373,17 +389,28 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
         dv: where to write the whole gradient of v_new `[1, T, H, V]` (may be dv_local itself).
         dht: `[N, H, K, V]` gradient of the final states, or None.
         dh0: where to write the fp32 gradient of the initial states `[N, H, K, V]`, or None.
+        h: the chunk-start states `[NC, H, K, V]` of these value columns (`chunk_state_fwd`).
 
     Returns:
-        dh `[NC, H, K, V]` in k.dtype (row j: the gradient of the state at the end of global chunk j).
+        dh `[NC, H, K, V]` in k.dtype (row j: the gradient of the state at the end of global chunk j), and with a
+        decay the fp32 `[hdh_rows(V), NC, H]` shares of <h, dh'> per value block (their sum over rows), else None.
     """
     _, T, H, K = k.shape
     V, N = do.shape[-1], layout.num_segments
     VF = value_row_width([do, dv_local, dv], [dht, dh0])
     dh = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
+    # One row per value block of the narrowest config; the chosen config fills its rows, the rest stay zero.
+    hdh = None if g_cum is None else torch.zeros((hdh_rows(V), layout.max_chunks, H), dtype=torch.float32,
+                                                 device=k.device)
     BKS = _state_block(K)
     chunk_state_bwd_kernel[_grid(N, H, V)](
-        q, k, w, g_cum, do, dv_local, dv, dh, dht, dh0, layout.cu_seqlens, layout.chunk_offsets, scale, H=H, K=K,
-        V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None,
-        USE_G=g_cum is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
-    return dh
+        q, k, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets, scale,
+        layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS),
+        DELTA=w is not None, USE_G=g_cum is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        STORE_HDH=hdh is not None)
+    return dh, hdh
+
+
+def hdh_rows(V: int) -> int:
+    """Rows of the <h, dh'> shares: V over the narrowest value block of any config."""
+    return triton.cdiv(V, min(c.kwargs["BV"] for c in CONFIGS))

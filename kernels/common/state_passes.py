@@ -64,9 +64,9 @@ def state_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
     for i, v0 in enumerate(range(0, V, VALUE_SLICE)):
         cols = slice(v0, v0 + VALUE_SLICE)
         h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, v_new=_cols(v_new, cols))
-        dh = chunk_state_bwd(q, k, w, g_cum, do[..., cols], dv[..., cols], dv[..., cols], _cols(dht, cols),
-                             _cols(dh0, cols), layout, scale)
-        chunk_output_bwd_dqkwg(q, k, (v if w is None else v_new)[..., cols], h, dh, g_cum, do[..., cols],
+        dh, hdh = chunk_state_bwd(q, k, w, g_cum, do[..., cols], dv[..., cols], dv[..., cols], _cols(dht, cols),
+                                  _cols(dh0, cols), h, layout, scale)
+        chunk_output_bwd_dqkwg(q, k, (v if w is None else v_new)[..., cols], h, dh, hdh, g_cum, do[..., cols],
                                None if w is None else dv[..., cols], scale, layout, grads, accumulate=i > 0)
-        del h, dh
+        del h, dh, hdh
     return grads, dv, dh0

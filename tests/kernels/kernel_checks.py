@@ -76,15 +76,12 @@ def rule_outputs_and_grads(fn, inputs, cu):
     return [o, s, *torch.autograd.grad((o.float() * grad_o.float()).sum() + (s * grad_s).sum(), leaves)]
 
 
-def assert_all_close(actual, expected, inputs, rtol, looser=None):
-    """assert_close on o, state and each gradient of `rule_outputs_and_grads`, naming the tensor that fails.
-
-    looser: {name: rtol} for tensors held to another bound.
-    """
+def assert_all_close(actual, expected, inputs, rtol):
+    """assert_close on o, state and each gradient of `rule_outputs_and_grads`, naming the tensor that fails."""
     names = ["o", "state"] + [n for n, x in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], inputs, strict=True)
                               if x is not None]
     for name, a, e in zip(names, actual, expected, strict=True):
         try:
-            assert_close(a, e.to(a.dtype), (looser or {}).get(name, rtol))
+            assert_close(a, e.to(a.dtype), rtol)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None
