@@ -36,6 +36,14 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+def _prune_bwd(configs, named_args, **kwargs):
+    """`_prune`, and no 64-wide value blocks at K > 128: the backward then needs 254 KB of shared memory (bf16), more
+    than a Hopper GPU has (227 KB)."""
+    K = named_args["K"] if "K" in named_args else kwargs["K"]
+    keep = [c for c in _prune(configs, named_args, **kwargs) if K <= 128 or c.kwargs["BV"] <= 32]
+    return keep or configs[:1]
+
+
 @triton.jit
 def _state_tile(o_v, m_v, I: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
     """Offsets and mask of state block I: rows [I * BKS, (I + 1) * BKS) and columns o_v of a row-major [K, V]."""
@@ -171,7 +179,7 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
 
 # dv may be dv_local itself (updated in place), and a config writes only its own value blocks' rows of the
 # zero-filled hdh: restore both between the configs autotuning tries.
-@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune},
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune_bwd},
           restore=("dv_local", "hdh"))
 @triton.jit
 def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, cu_seqlens, chunk_offsets, scale, NC,
