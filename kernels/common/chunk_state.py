@@ -67,11 +67,11 @@ def _cols(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: t
 
 @autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H: tl.constexpr,
+def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H: tl.constexpr,
                            K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
                            NKS: tl.constexpr,
-                           BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
-                           STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr):
+                           BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr,
+                           USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -89,6 +89,8 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
         v_new += i_h * VF
     if USE_G:
         g += i_h
+    if NORM:
+        rk += i_h
     o_s1, m_s1 = _state_tile(o_v, m_v, 0, K, V, BKS)
     o_s2, m_s2 = _state_tile(o_v, m_v, 1, K, V, BKS)
     o_s3, m_s3 = _state_tile(o_v, m_v, 2, K, V, BKS)
@@ -156,6 +158,8 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
                 b_h3 *= b_decay
             if NKS > 3:
                 b_h4 *= b_decay
+        if NORM:  # the keys are rk k: h += K^T (rk v_new), scaled before the one rounding of v_new
+            b_v *= tl.load(rk + o_t * H, mask=m_t, other=0.0)[:, None]
         b_v = b_v.to(k.dtype.element_ty)
         # h += K^T v_new (v_new already carries e^{G_L - G})
         b_h1 += tl.dot(_cols(k, o_t, m_t, 0, H, K, BKS), b_v)
@@ -182,11 +186,13 @@ def chunk_state_fwd_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offse
 @autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune_bwd},
           restore=("dv_local", "hdh"))
 @triton.jit
-def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, cu_seqlens, chunk_offsets, scale, NC,
+def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, cu_seqlens, chunk_offsets,
+                           scale, NC,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr,
                            BKS: tl.constexpr,
                            NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
-                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_HDH: tl.constexpr):
+                           NORM: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                           STORE_HDH: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -202,6 +208,9 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, c
         w += i_h * K
     if USE_G:
         g += i_h
+    if NORM:
+        rq += i_h
+        rk += i_h
     do += i_h * VF
     dv_local += i_h * VF
     dv += i_h * VF
@@ -268,6 +277,9 @@ def chunk_state_bwd_kernel(q, k, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, c
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        if NORM:  # the keys are rk k and the queries rq q: row scales of (K dh') and of dO
+            b_dv *= tl.load(rk + o_t * H, mask=m_t, other=0.0)[:, None]
+            b_do *= tl.load(rq + o_t * H, mask=m_t, other=0.0)[:, None]
         if USE_G:
             b_g_last = tl.load(g + (tl.minimum(t0 + BT, eos) - 1) * H).to(tl.float32)
             b_g = tl.load(g + o_t * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
@@ -347,13 +359,13 @@ def value_row_width(per_token: list[torch.Tensor | None], per_state: list[torch.
 
 def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
                     h0: torch.Tensor | None, layout: ChunkLayout, *, ht: torch.Tensor | None = None,
-                    v_new: torch.Tensor | None = None) -> torch.Tensor:
+                    v_new: torch.Tensor | None = None, rk: torch.Tensor | None = None) -> torch.Tensor:
     """The states at every chunk start; also writes the corrected values (delta family) and the final states.
 
     Value tensors may be the same column slice of wider ones (`value_row_width`): the pass runs on those columns.
 
     Args:
-        k: `[1, T, H, K]` (normalised) keys.
+        k: `[1, T, H, K]` keys: normalised, or raw with their rstd rk.
         v: `[1, T, H, V]` values v (gated family, w None) or u (delta family).
         w: `[1, T, H, K]` the WY keys of the delta family, or None for the gated family.
         g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None (no decay).
@@ -361,6 +373,7 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
         layout: the varlen chunk layout.
         ht: where to write the fp32 final states `[N, H, K, V]`, or None.
         v_new: (delta family) where to write v_new = u - W h `[1, T, H, V]`, or None.
+        rk: None, or `[1, T, H]` fp32: the keys are rk * k (`l2norm_rstd`).
 
     Returns:
         h `[NC, H, K, V]` in k.dtype (row j: the state at the start of global chunk j).
@@ -371,15 +384,17 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
     h = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
     BKS = _state_block(K)
     chunk_state_fwd_kernel[_grid(N, H, V)](
-        k, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, VF=VF,
+        k, rk, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, VF=VF,
         BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
-        USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_V_NEW=w is not None and v_new is not None)
+        NORM=rk is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        STORE_V_NEW=w is not None and v_new is not None)
     return h
 
 
 def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_cum: torch.Tensor | None,
                     do: torch.Tensor, dv_local: torch.Tensor, dv: torch.Tensor, dht: torch.Tensor | None,
-                    dh0: torch.Tensor | None, h: torch.Tensor, layout: ChunkLayout, scale: float
+                    dh0: torch.Tensor | None, h: torch.Tensor, layout: ChunkLayout, scale: float, *,
+                    rq: torch.Tensor | None = None, rk: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of the states at every chunk end; also writes the gradients of v_new and of the initial states.
 
@@ -390,7 +405,8 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
     Value tensors may be the same column slice of wider ones (`value_row_width`): the pass runs on those columns.
 
     Args:
-        q, k: `[1, T, H, K]` (normalised) queries and keys; w: `[1, T, H, K]` (delta family) or None.
+        q, k: `[1, T, H, K]` queries and keys, normalised or with their rstd rq, rk (`[1, T, H]` fp32, both or
+            neither); w: `[1, T, H, K]` (delta family) or None.
         g_cum: `[1, T, H]` fp32 chunk-local cumsum of the log decays, or None.
         do: `[1, T, H, V]` output gradient; dv_local: `[1, T, H, V]` its part of the v_new gradient from inside
             the chunks (`chunk_output_bwd_dv`).
@@ -412,10 +428,10 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
                                                  device=k.device)
     BKS = _state_block(K)
     chunk_state_bwd_kernel[_grid(N, H, V)](
-        q, k, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets, scale,
-        layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS),
-        DELTA=w is not None, USE_G=g_cum is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        STORE_HDH=hdh is not None)
+        q, k, rq, rk, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets,
+        scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS),
+        DELTA=w is not None, USE_G=g_cum is not None, NORM=rk is not None, USE_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None)
     return dh, hdh
 
 

@@ -32,41 +32,47 @@ def _cols(x: torch.Tensor | None, cols: slice) -> torch.Tensor | None:
 
 def states_and_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None,
                       g_cum: torch.Tensor | None, h0: torch.Tensor | None, layout: ChunkLayout, scale: float,
-                      output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      output_final_state: bool, rq: torch.Tensor | None = None, rk: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward: the output o `[1, T, H, V]` (in v.dtype) and the fp32 final states `[N, H, K, V]` (or None).
 
-    q, k: `[1, T, H, K]` normalised; v: the values (gated family, w None) or u (delta family, with the WY keys w).
+    q, k: `[1, T, H, K]`, normalised, or raw with their fp32 rstd rq, rk `[1, T, H]` (`l2norm_rstd`); v: the values
+    (gated family, w None) or u (delta family, with the WY keys w).
     """
     _, T, H, K = k.shape
     V = v.shape[-1]
     o = _empty(v.shape, v.dtype, v.device)
     ht = _empty((layout.num_segments, H, K, V), torch.float32, v.device) if output_final_state else None
     v_new = _empty(v.shape, v.dtype, v.device) if w is not None else None
-    h = chunk_state_fwd(k, v, w, g_cum, h0, layout, ht=ht, v_new=v_new)
-    chunk_output_fwd(q, k, v if w is None else v_new, h, g_cum, scale, layout, o)
+    h = chunk_state_fwd(k, v, w, g_cum, h0, layout, ht=ht, v_new=v_new, rk=rk)
+    chunk_output_fwd(q, k, v if w is None else v_new, h, g_cum, scale, layout, o, rq=rq, rk=rk)
     return o, ht
 
 
 def state_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None,
                     g_cum: torch.Tensor | None, h0: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
-                    layout: ChunkLayout, scale: float) -> tuple[QKWGradients, torch.Tensor, torch.Tensor | None]:
+                    layout: ChunkLayout, scale: float, rq: torch.Tensor | None = None,
+                    rk: torch.Tensor | None = None) -> tuple[QKWGradients, torch.Tensor, torch.Tensor | None]:
     """Backward of `states_and_output`, recomputing each slice's states.
 
-    Returns the gradients of q, k (normalised), w and g_cum (`QKWGradients`), the whole gradient of v_new (delta
-    family; of v for the gated family) `[1, T, H, V]`, and the fp32 gradient of h0 (None when h0 is None).
+    Returns the gradients of q, k (normalised, whether or not rq, rk are given), w and g_cum (`QKWGradients`),
+    the whole gradient of v_new (delta family; of v for the gated family) `[1, T, H, V]`, and the fp32 gradient of h0
+    (None when h0 is None).
     """
     _, T, H, K = k.shape
     V = v.shape[-1]
     grads = QKWGradients.empty(q, delta=w is not None, decay=g_cum is not None)
-    dv = chunk_output_bwd_dv(q, k, g_cum, do, scale, layout)  # dv_local, made whole in place by the state pass
+    # dv_local, made whole in place by the state pass
+    dv = chunk_output_bwd_dv(q, k, g_cum, do, scale, layout, rq=rq, rk=rk)
     dh0 = None if h0 is None else _empty(h0.shape, torch.float32, h0.device)
     v_new = _empty(v.shape, v.dtype, v.device) if w is not None else None
     for i, v0 in enumerate(range(0, V, VALUE_SLICE)):
         cols = slice(v0, v0 + VALUE_SLICE)
-        h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, v_new=_cols(v_new, cols))
+        h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, v_new=_cols(v_new, cols), rk=rk)
         dh, hdh = chunk_state_bwd(q, k, w, g_cum, do[..., cols], dv[..., cols], dv[..., cols], _cols(dht, cols),
-                                  _cols(dh0, cols), h, layout, scale)
+                                  _cols(dh0, cols), h, layout, scale, rq=rq, rk=rk)
         chunk_output_bwd_dqkwg(q, k, (v if w is None else v_new)[..., cols], h, dh, hdh, g_cum, do[..., cols],
-                               None if w is None else dv[..., cols], scale, layout, grads, accumulate=i > 0)
+                               None if w is None else dv[..., cols], scale, layout, grads, accumulate=i > 0,
+                               rq=rq, rk=rk)
         del h, dh, hdh
     return grads, dv, dh0

@@ -14,7 +14,7 @@ from torch import Tensor
 from .._ref_utils import _check_shape, _segments
 from ..common.chunk_state import MAX_K
 from ..common.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from ..common.l2norm import l2norm_bwd, l2norm_fwd
+from ..common.l2norm import l2norm_bwd, l2norm_rstd
 from ..common.launch import CHUNK_SIZE, INTERPRETED
 from ..common.state_passes import state_gradients, states_and_output
 from ..common.varlen import ChunkLayout, chunk_layout
@@ -82,8 +82,7 @@ def empty_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_sta
     f32 = torch.float32
     rstd = q.new_empty(1, 0, H, dtype=f32)
     g_cum = None if g is None else q.new_empty(1, 0, H, dtype=f32)
-    return (q.new_empty(1, 0, H, V, dtype=dtype), ht, q.new_empty(1, 0, H, K, dtype=dtype),
-            q.new_empty(1, 0, H, K, dtype=dtype), rstd, rstd.clone(), g_cum)
+    return q.new_empty(1, 0, H, V, dtype=dtype), ht, rstd, rstd.clone(), g_cum
 
 
 def empty_backward(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor | None, initial_state: Tensor | None,
@@ -102,26 +101,24 @@ def empty_backward(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor | None, initia
 def chunk_gated_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_state: Tensor | None,
                     cu_seqlens: Tensor | None, scale: float, output_final_state: bool, use_qk_l2norm: bool):
     """Packed forward. Returns o `[1, B*T, H, V]` (compute dtype), the final state or None, and what backward
-    needs: q_hat, k_hat (normalised, or the cast inputs), their rstd (or None) and g_cum (or None)."""
+    needs besides the inputs: the rstd of q and k (None without use_qk_l2norm) and g_cum (or None). The kernels
+    scale by rstd where they use a normalised row, so no normalised copy of q or k is made."""
     if q.shape[0] * q.shape[1] == 0:
         return empty_forward(q, k, v, g, initial_state, output_final_state)
     layout = layout_of(q, cu_seqlens)
     dtype = compute_dtype(q, k, v)
     q, k, v = pack(q, dtype), pack(k, dtype), pack(v, dtype)
-    rstd_q = rstd_k = None
-    if use_qk_l2norm:
-        q, rstd_q = l2norm_fwd(q)
-        k, rstd_k = l2norm_fwd(k)
+    rstd_q, rstd_k = (l2norm_rstd(q), l2norm_rstd(k)) if use_qk_l2norm else (None, None)
     g_cum = None if g is None else chunk_cumsum_fwd(pack(g), layout)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = states_and_output(q, k, v, None, g_cum, h0, layout, scale, output_final_state)
-    return o, ht, q, k, rstd_q, rstd_k, g_cum
+    o, ht = states_and_output(q, k, v, None, g_cum, h0, layout, scale, output_final_state, rstd_q, rstd_k)
+    return o, ht, rstd_q, rstd_k, g_cum
 
 
 def chunk_gated_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor | None, initial_state: Tensor | None,
                     cu_seqlens: Tensor | None, rstd_q: Tensor | None, rstd_k: Tensor | None, do: Tensor,
                     dht: Tensor | None, scale: float):
-    """Packed backward from what `chunk_gated_fwd` kept (q, k: `[B, T, H, K]` normalised when rstd is given).
+    """Packed backward from the inputs and what `chunk_gated_fwd` kept (rstd: `[B, T, H]`, or None).
 
     Returns dq, dk `[1, B*T, H, K]`, dv `[1, B*T, H, V]` (compute dtype), dg `[1, B*T, H]` fp32 or None, dh0 or None.
     """
@@ -131,20 +128,21 @@ def chunk_gated_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor | None, initi
     layout = layout_of(q, cu_seqlens)
     dtype = compute_dtype(q, k, v)
     q, k, v, do = pack(q, dtype), pack(k, dtype), pack(v, dtype), pack(do, dtype)
+    rstd_q, rstd_k = (None, None) if rstd_q is None else (pack(rstd_q), pack(rstd_k))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    grads, dv, dh0 = state_gradients(q, k, v, None, g_cum, h0, do, dht, layout, scale)
+    grads, dv, dh0 = state_gradients(q, k, v, None, g_cum, h0, do, dht, layout, scale, rstd_q, rstd_k)
     dg = None if g_cum is None else chunk_cumsum_bwd(grads.dG, layout, torch.float32)
     dq, dk = grads.dq, grads.dk
     if rstd_q is not None:
-        dq = l2norm_bwd(q, rstd_q.contiguous(), dq)
-        dk = l2norm_bwd(k, rstd_k.contiguous(), dk)
+        dq = l2norm_bwd(q, rstd_q, dq)
+        dk = l2norm_bwd(k, rstd_k, dk)
     return dq, dk, dv, dg, dh0
 
 
 # Custom ops, opaque to torch.compile. A custom op cannot return None or alias an input: an absent result is an
-# empty tensor, dropped by the Python wrappers. The forward op also returns what backward keeps (normalised q, k,
-# rstd, g_cum), since register_autograd saves only the op's inputs and outputs.
+# empty tensor, dropped by the Python wrappers. The forward op also returns what backward keeps besides the inputs
+# (rstd, g_cum), since register_autograd saves only the op's inputs and outputs.
 
 
 def empty_if_none(x: Tensor | None, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -157,14 +155,11 @@ def empty_if_none(x: Tensor | None, like: Tensor, shape: tuple[int, ...] | None 
 @torch.library.custom_op("momctl::chunk_gated_rule_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_state: Tensor | None,
             cu_seqlens: Tensor | None, scale: float, output_final_state: bool, use_qk_l2norm: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, H, K = q.shape
-    o, ht, q_hat, k_hat, rstd_q, rstd_k, g_cum = chunk_gated_fwd(
-        q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm)
-    if not use_qk_l2norm:  # q_hat, k_hat are (views of) the inputs: backward saves the inputs instead
-        q_hat = k_hat = None
-    return (o.view(v.shape).to(v.dtype), empty_if_none(ht, q), empty_if_none(q_hat, q, q.shape),
-            empty_if_none(k_hat, q, q.shape), empty_if_none(rstd_q, q, (B, T, H)),
+    o, ht, rstd_q, rstd_k, g_cum = chunk_gated_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state,
+                                                   use_qk_l2norm)
+    return (o.view(v.shape).to(v.dtype), empty_if_none(ht, q), empty_if_none(rstd_q, q, (B, T, H)),
             empty_if_none(rstd_k, q, (B, T, H)), empty_if_none(g_cum, q, (B, T, H)))
 
 
@@ -174,16 +169,14 @@ def _(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l
 
 
 def fake_fwd_outputs(q, k, v, g, cu_seqlens, output_final_state, use_qk_l2norm):
-    """Empty tensors shaped like the forward ops' outputs (o, ht, q_hat, k_hat, rstd_q, rstd_k, g_cum)."""
+    """Empty tensors shaped like the forward ops' outputs (o, ht, rstd_q, rstd_k, g_cum)."""
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    dtype, f32 = compute_dtype(q, k, v), torch.float32
-    qk_shape, rstd_shape = ((B, T, H, K), (B, T, H)) if use_qk_l2norm else ((0,), (0,))
+    f32 = torch.float32
+    rstd_shape = (B, T, H) if use_qk_l2norm else (0,)
     return (
         v.new_empty(v.shape),
         q.new_empty((N, H, K, v.shape[-1]) if output_final_state else (0,), dtype=f32),
-        q.new_empty(qk_shape, dtype=dtype),
-        q.new_empty(qk_shape, dtype=dtype),
         q.new_empty(rstd_shape, dtype=f32),
         q.new_empty(rstd_shape, dtype=f32),
         q.new_empty((B, T, H) if g is not None else (0,), dtype=f32),
@@ -211,9 +204,9 @@ def _(q, k, v, g_cum, initial_state, cu_seqlens, rstd_q, rstd_k, do, dht, scale)
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm = inputs
-    _, _, q_hat, k_hat, rstd_q, rstd_k, g_cum = output
-    kept = (q_hat, k_hat, rstd_q, rstd_k) if use_qk_l2norm else (q, k, None, None)
-    ctx.save_for_backward(*kept, v, None if g is None else g_cum, initial_state, cu_seqlens)
+    _, _, rstd_q, rstd_k, g_cum = output
+    rstd = (rstd_q, rstd_k) if use_qk_l2norm else (None, None)
+    ctx.save_for_backward(q, k, *rstd, v, None if g is None else g_cum, initial_state, cu_seqlens)
     ctx.scale, ctx.output_final_state = scale, output_final_state
     ctx.dtypes = [None if x is None else x.dtype for x in (q, k, v, g, initial_state)]
     ctx.set_materialize_grads(False)

@@ -1,6 +1,7 @@
 """Gated delta rule (and delta rule, g=None), chunkwise-parallel Triton kernels, forward and backward.
 
-Forward: l2norm(q, k) -> chunk-local cumsum of g -> WY factors w, u (wy.py) -> chunk-start states h and
+Forward: rstd of q, k (the kernels scale by it: no normalised copies) -> chunk-local cumsum of g -> WY factors w, u
+(wy.py) -> chunk-start states h and
 v_new = u - w h (sequential over chunks) -> outputs. Backward recomputes w, u, h, v_new, then dv_local -> state
 gradients dh and dv_new (sequential, reversed) -> dq, dk, dw, dG -> WY backward -> dg, dq, dk.
 The state passes run over value-column slices (kernels/common/state_passes.py). Only the inputs and small
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..common.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from ..common.l2norm import l2norm_bwd, l2norm_fwd
+from ..common.l2norm import l2norm_bwd, l2norm_rstd
 from ..common.state_passes import state_gradients, states_and_output
 from ..gated.chunk import (
     cast_grads,
@@ -33,27 +34,24 @@ def chunk_gated_delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tens
                           initial_state: Tensor | None, cu_seqlens: Tensor | None, scale: float,
                           output_final_state: bool, use_qk_l2norm: bool):
     """Packed forward. Returns o `[1, B*T, H, V]` (compute dtype), the final state or None, and what backward
-    needs: q_hat, k_hat (normalised, or the cast inputs), their rstd (or None) and g_cum (or None)."""
+    needs besides the inputs: the rstd of q and k (None without use_qk_l2norm) and g_cum (or None)."""
     if q.shape[0] * q.shape[1] == 0:
         return empty_forward(q, k, v, g, initial_state, output_final_state)
     layout = layout_of(q, cu_seqlens)
     dtype = compute_dtype(q, k, v)
     q, k, v, beta = pack(q, dtype), pack(k, dtype), pack(v, dtype), pack(beta)
-    rstd_q = rstd_k = None
-    if use_qk_l2norm:
-        q, rstd_q = l2norm_fwd(q)
-        k, rstd_k = l2norm_fwd(k)
+    rstd_q, rstd_k = (l2norm_rstd(q), l2norm_rstd(k)) if use_qk_l2norm else (None, None)
     g_cum = None if g is None else chunk_cumsum_fwd(pack(g), layout)
-    w, u, _ = wy_fwd(k, v, beta, g_cum, layout)
+    w, u, _ = wy_fwd(k, v, beta, g_cum, layout, rstd_k)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = states_and_output(q, k, u, w, g_cum, h0, layout, scale, output_final_state)
-    return o, ht, q, k, rstd_q, rstd_k, g_cum
+    o, ht = states_and_output(q, k, u, w, g_cum, h0, layout, scale, output_final_state, rstd_q, rstd_k)
+    return o, ht, rstd_q, rstd_k, g_cum
 
 
 def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None,
                           initial_state: Tensor | None, cu_seqlens: Tensor | None, rstd_q: Tensor | None,
                           rstd_k: Tensor | None, do: Tensor, dht: Tensor | None, scale: float):
-    """Packed backward from what `chunk_gated_delta_fwd` kept (q, k normalised when rstd is given).
+    """Packed backward from the inputs and what `chunk_gated_delta_fwd` kept (rstd: `[B, T, H]`, or None).
 
     Returns dq, dk `[1, B*T, H, K]`, dv `[1, B*T, H, V]` (compute dtype), dbeta `[1, B*T, H]`, dg `[1, B*T, H]` fp32
     or None, dh0 or None.
@@ -63,17 +61,18 @@ def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: 
     layout = layout_of(q, cu_seqlens)
     dtype = compute_dtype(q, k, v)
     q, k, v, beta, do = pack(q, dtype), pack(k, dtype), pack(v, dtype), pack(beta), pack(do, dtype)
+    rstd_q, rstd_k = (None, None) if rstd_q is None else (pack(rstd_q), pack(rstd_k))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    w, u, A_inv = wy_fwd(k, v, beta, g_cum, layout)
-    grads, dv_new, dh0 = state_gradients(q, k, u, w, g_cum, h0, do, dht, layout, scale)
+    w, u, A_inv = wy_fwd(k, v, beta, g_cum, layout, rstd_k)
+    grads, dv_new, dh0 = state_gradients(q, k, u, w, g_cum, h0, do, dht, layout, scale, rstd_q, rstd_k)
     del w, u
     dq, dk = grads.dq, grads.dk
-    dk_wy, dv, dbeta, dG_wy = wy_bwd(k, v, beta, g_cum, A_inv, grads.dw, dv_new, layout)
+    dk_wy, dv, dbeta, dG_wy = wy_bwd(k, v, beta, g_cum, A_inv, grads.dw, dv_new, layout, rstd_k)
     dg = None if g_cum is None else chunk_cumsum_bwd(grads.dG, layout, torch.float32, dG_wy)
     if rstd_q is not None:
-        dq = l2norm_bwd(q, rstd_q.contiguous(), dq)
-        dk = l2norm_bwd(k, rstd_k.contiguous(), dk, dk_wy.contiguous())
+        dq = l2norm_bwd(q, rstd_q, dq)
+        dk = l2norm_bwd(k, rstd_k, dk, dk_wy.contiguous())
     else:
         dk = dk + dk_wy
     return dq, dk, dv, dbeta, dg, dh0
@@ -85,14 +84,11 @@ def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: 
 @torch.library.custom_op("momctl::chunk_gated_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None,
             cu_seqlens: Tensor | None, scale: float, output_final_state: bool, use_qk_l2norm: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, H, K = q.shape
-    o, ht, q_hat, k_hat, rstd_q, rstd_k, g_cum = chunk_gated_delta_fwd(
-        q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm)
-    if not use_qk_l2norm:  # q_hat, k_hat are (views of) the inputs: backward saves the inputs instead
-        q_hat = k_hat = None
-    return (o.view(v.shape).to(v.dtype), empty_if_none(ht, q), empty_if_none(q_hat, q, q.shape),
-            empty_if_none(k_hat, q, q.shape), empty_if_none(rstd_q, q, (B, T, H)),
+    o, ht, rstd_q, rstd_k, g_cum = chunk_gated_delta_fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale,
+                                                         output_final_state, use_qk_l2norm)
+    return (o.view(v.shape).to(v.dtype), empty_if_none(ht, q), empty_if_none(rstd_q, q, (B, T, H)),
             empty_if_none(rstd_k, q, (B, T, H)), empty_if_none(g_cum, q, (B, T, H)))
 
 
@@ -123,9 +119,9 @@ def _(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q, rstd_k, do, dht, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm = inputs
-    _, _, q_hat, k_hat, rstd_q, rstd_k, g_cum = output
-    kept = (q_hat, k_hat, rstd_q, rstd_k) if use_qk_l2norm else (q, k, None, None)
-    ctx.save_for_backward(*kept, v, beta, None if g is None else g_cum, initial_state, cu_seqlens)
+    _, _, rstd_q, rstd_k, g_cum = output
+    rstd = (rstd_q, rstd_k) if use_qk_l2norm else (None, None)
+    ctx.save_for_backward(q, k, *rstd, v, beta, None if g is None else g_cum, initial_state, cu_seqlens)
     ctx.scale, ctx.output_final_state = scale, output_final_state
     ctx.dtypes = [None if x is None else x.dtype for x in (q, k, v, beta, g, initial_state)]
     ctx.set_materialize_grads(False)

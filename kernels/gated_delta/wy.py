@@ -142,6 +142,7 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 @triton.jit
 def wy_fwd_kernel(
     k,
+    rk,
     v,
     beta,
     g,
@@ -158,6 +159,7 @@ def wy_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_G: tl.constexpr,
+    NORM: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -183,6 +185,10 @@ def wy_fwd_kernel(
         p_k = k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         b_k = tl.load(p_k, mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)  # [BT, BK]
         b_S = _dot(b_k, tl.trans(b_k), b_S, IEEE)
+    if NORM:  # the keys are rk k: S = diag(rk) K K^T diag(rk), and w's column scale takes rk too
+        b_rk = tl.load(rk + (t0 + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_S *= b_rk[:, None] * b_rk[None, :]
+        b_s *= b_rk
     b_A = b_S * b_beta[:, None]
     if USE_G:
         # Zero the difference outside m_low before exp: g_i - g_j > 0 there and may overflow.
@@ -246,6 +252,7 @@ def wy_fwd_kernel(
 @triton.jit
 def wy_bwd_kernel(
     k,
+    rk,
     v,
     beta,
     g,
@@ -265,6 +272,7 @@ def wy_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_G: tl.constexpr,
+    NORM: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -294,6 +302,10 @@ def wy_bwd_kernel(
         b_dw = tl.load(dw + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
         b_S = _dot(b_k, tl.trans(b_k), b_S, IEEE)
         b_dM = _dot(b_dw, tl.trans(b_k), b_dM, IEEE)
+    if NORM:  # the keys are rk k (see the forward)
+        b_rk = tl.load(rk + (t0 + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_S *= b_rk[:, None] * b_rk[None, :]
+        b_dM *= b_rk[None, :]
     if USE_G:
         b_dM *= b_eg[None, :]
     b_db = tl.full([BT], 0.0, tl.float32)
@@ -322,7 +334,10 @@ def wy_bwd_kernel(
         b_AdA = b_dAS * b_beta[:, None]  # A * dA
         b_dg = _sum(b_AdA, 1) - _sum(b_AdA, 0)
     b_dS = b_dA * b_beta[:, None]
-    b_Z_hi, b_Z_lo = _split(b_dS + tl.trans(b_dS), IEEE)  # dK gets (dS + dS^T) K through S = K K^T
+    b_Z = b_dS + tl.trans(b_dS)  # dK gets (dS + dS^T) K through S = K K^T
+    if NORM:
+        b_Z *= b_rk[None, :]
+    b_Z_hi, b_Z_lo = _split(b_Z, IEEE)
 
     # dk = s * (M^T dW) + (dS + dS^T) K
     b_r = tl.full([BT], 0.0, tl.float32)
@@ -337,6 +352,8 @@ def wy_bwd_kernel(
         p_dk = dk + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_k)
     # Kb_i = beta_i exp(g_i) k_i: r_i = dKb_i . k_i
+    if NORM:
+        b_r *= b_rk
     if USE_G:
         b_db += b_r * b_eg
         tl.store(dg + (t0 + o_t) * H + i_h, b_dg + b_r * b_s, mask=m_t)
@@ -368,16 +385,17 @@ def _check(k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: Chu
 
 
 def wy_fwd(
-    k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: ChunkLayout
+    k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: ChunkLayout, rk: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """w, u and A_inv of every chunk (see the module docstring).
 
     Args:
-        k: [1, T, H, K] keys (already l2-normalised), bf16 / fp16 / fp32.
+        k: [1, T, H, K] keys, bf16 / fp16 / fp32: l2-normalised, or the raw keys with their rstd in rk.
         v: [1, T, H, V] values.
         beta: [1, T, H] write strengths, any float dtype.
         g_cum: [1, T, H] fp32 log decays cumulated from each chunk's start, or None for zeros.
         layout: the chunk layout of the packed batch (chunk_size 64).
+        rk: None, or [1, T, H] fp32: the keys are rk * k (`l2norm_rstd`).
 
     Returns:
         w [1, T, H, K] in k.dtype, u [1, T, H, V] in v.dtype, and A_inv [1, T, H, 64] fp32 where
@@ -393,8 +411,9 @@ def wy_fwd(
     u = _empty(v.shape, v.dtype, v.device)
     A_inv = _empty((1, T, H, CHUNK_SIZE), torch.float32, k.device)
     wy_fwd_kernel[(layout.max_chunks, H)](
-        k, v, beta, g_cum, w, u, A_inv, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BS=16, BK=_block(K), BV=_block(V), USE_G=g_cum is not None, IEEE=_ieee(k, v),
+        k, rk, v, beta, g_cum, w, u, A_inv, layout.cu_seqlens, layout.chunk_indices,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BS=16, BK=_block(K), BV=_block(V), USE_G=g_cum is not None, NORM=rk is not None,
+        IEEE=_ieee(k, v),
     )
     return w, u, A_inv
 
@@ -408,17 +427,19 @@ def wy_bwd(
     dw: Tensor,
     du: Tensor,
     layout: ChunkLayout,
+    rk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of a loss through w and u (from `wy_fwd`) w.r.t. k, v, beta and g_cum.
 
     Args:
-        k, v, beta, g_cum, layout: as given to `wy_fwd`.
+        k, v, beta, g_cum, layout, rk: as given to `wy_fwd`.
         A_inv: [1, T, H, 64] fp32, as returned by `wy_fwd`.
         dw: [1, T, H, K] gradient of w, du: [1, T, H, V] gradient of u (any float dtype; bf16 is the fast path).
 
     Returns:
-        dk [1, T, H, K] in k.dtype, dv [1, T, H, V] in v.dtype, dbeta [1, T, H] in beta.dtype, and dg_cum
-        [1, T, H] fp32 (the gradient w.r.t. the chunk-local cumulated values; None when g_cum is None).
+        dk [1, T, H, K] in k.dtype (the gradient of the normalised keys when rk is given), dv [1, T, H, V] in
+        v.dtype, dbeta [1, T, H] in beta.dtype, and dg_cum [1, T, H] fp32 (the gradient w.r.t. the chunk-local
+        cumulated values; None when g_cum is None).
     """
     _check(k, v, beta, g_cum, layout)
     _, T, H, K = k.shape
@@ -432,8 +453,8 @@ def wy_bwd(
     dbeta = _empty(beta.shape, beta.dtype, beta.device)
     dg = None if g_cum is None else _empty(g_cum.shape, torch.float32, k.device)
     wy_bwd_kernel[(layout.max_chunks, H)](
-        k, v, beta, g_cum, A_inv, dw, du, dk, dv, dbeta, dg, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, USE_G=g_cum is not None, IEEE=_ieee(k, v),
+        k, rk, v, beta, g_cum, A_inv, dw, du, dk, dv, dbeta, dg, layout.cu_seqlens, layout.chunk_indices,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, USE_G=g_cum is not None, NORM=rk is not None, IEEE=_ieee(k, v),
     )
     return dk, dv, dbeta, dg
 
