@@ -34,8 +34,8 @@ CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8,
 @autotune(CONFIGS, key=["H", "K", "V", "BK", "BV", "USE_G"])
 @triton.jit
 def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices, scale, H: tl.constexpr,
-                            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            USE_G: tl.constexpr, NORM: tl.constexpr):
+                            K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -47,8 +47,8 @@ def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices,
     m_t = o_t < eos
     q += i_h * K
     k += i_h * K
-    v += i_h * V
-    o += i_h * V
+    v += i_h * VF
+    o += i_h * VF
     h += (i_j.to(tl.int64) * H + i_h) * K * V
 
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -85,7 +85,7 @@ def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices,
             b_o += tl.dot(b_q, b_h)  # [BT, BV]
         b_o *= b_gq[:, None]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_v = o_t[:, None] * (H * V) + o_v[None, :]
+        p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_o += tl.dot(b_A, tl.load(v + p_v, mask=m_tv, other=0.0))
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
@@ -269,13 +269,15 @@ def chunk_output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: t
                      rq: torch.Tensor | None = None, rk: torch.Tensor | None = None) -> None:
     """Write o `[1, T, H, V]` from q, k `[1, T, H, K]` (normalised, or raw with their fp32 rstd rq, rk `[1, T, H]`),
     v_new `[1, T, H, V]`, the chunk-start states h `[NC, H, K, V]` and the fp32 chunk-local cumsum g_cum
-    `[1, T, H]` (None: no decay)."""
+    `[1, T, H]` (None: no decay). v_new and o may be the same column slice of wider tensors, h those columns'
+    states (`value_row_width`)."""
     _, T, H, K = q.shape
     V = v_new.shape[-1]
+    VF = value_row_width([v_new, o], [])
     BK, BV = _blocks(K, V, 128)
     if layout.max_chunks:
         chunk_output_fwd_kernel[(layout.max_chunks * H,)](
-            q, k, rq, rk, v_new, h, g_cum, o, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V,
+            q, k, rq, rk, v_new, h, g_cum, o, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V, VF=VF,
             BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None)
 
 

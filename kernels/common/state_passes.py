@@ -1,11 +1,11 @@
-"""The state pass and everything that needs the chunk states; backward runs over value-column slices.
+"""The state pass and everything that needs the chunk states, forward and backward, over value-column slices.
 
 The recurrence is separable in the value columns: column j of every state, of v_new and of the output depends only on
-column j of v (u), and the gradients of q, k, w and g are sums over the columns. So the backward runs the state
-passes and the output gradients on `VALUE_SLICE` columns at a time: only one slice's chunk states h and their
-gradients dh are alive at once, `[NC, H, K, VALUE_SLICE]` each, rather than all V columns' (at the 340M layer's 32K
-tokens, 850 MiB each for V = 256), at the price of reading q and k once per slice. The forward, whose h is not at the
-training peak, runs all columns in one pass.
+column j of v (u), and the gradients of q, k, w and g are sums over the columns. So the passes run on `VALUE_SLICE`
+columns at a time: only one slice's chunk states h (and in the backward their gradients dh) are alive at once,
+`[NC, H, K, VALUE_SLICE]` each, rather than all V columns' (at the 340M layer's 32K tokens, 850 MiB each for
+V = 256, the largest buffer of a prefill), at the price of reading q and k, and computing the chunks' scores Q K^T,
+once per slice.
 """
 # Shapes: T packed time, H heads, K key dim, V value dim, N segments.
 
@@ -44,8 +44,13 @@ def states_and_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torc
     o = _empty(v.shape, v.dtype, v.device)
     ht = _empty((layout.num_segments, H, K, V), torch.float32, v.device) if output_final_state else None
     v_new = _empty(v.shape, v.dtype, v.device) if w is not None else None
-    h = chunk_state_fwd(k, v, w, g_cum, h0, layout, ht=ht, v_new=v_new, rk=rk)
-    chunk_output_fwd(q, k, v if w is None else v_new, h, g_cum, scale, layout, o, rq=rq, rk=rk)
+    for v0 in range(0, V, VALUE_SLICE):
+        cols = slice(v0, v0 + VALUE_SLICE)
+        h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, ht=_cols(ht, cols),
+                            v_new=_cols(v_new, cols), rk=rk)
+        chunk_output_fwd(q, k, (v if w is None else v_new)[..., cols], h, g_cum, scale, layout, o[..., cols], rq=rq,
+                         rk=rk)
+        del h
     return o, ht
 
 
