@@ -4,8 +4,7 @@ The recurrence is separable in the value columns: column j of every state, of v_
 column j of v (u), and the gradients of q, k, w and g are sums over the columns. So the passes run on `VALUE_SLICE`
 columns at a time: only one slice's chunk states h (and in the backward their gradients dh) are alive at once,
 `[NC, H, K, VALUE_SLICE]` each, rather than all V columns' (at the 340M layer's 32K tokens, 850 MiB each for
-V = 256, the largest buffer of a prefill), at the price of reading q and k, and computing the chunks' scores Q K^T,
-once per slice.
+V = 256), at the price of reading q and k, and computing the chunks' scores Q K^T, once per slice.
 """
 # Shapes: T packed time, H heads, K key dim, V value dim, N segments.
 
