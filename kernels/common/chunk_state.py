@@ -65,9 +65,9 @@ def _cols(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: t
     return tl.load(p + o_d[:, None] + o_t[None, :] * (H * D), mask=(o_d < D)[:, None] & m_t[None, :], other=0.0)
 
 
-@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H: tl.constexpr,
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["N_BUCKET"])
+def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, N_BUCKET, H: tl.constexpr,
                            K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
                            NKS: tl.constexpr,
                            BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr,
@@ -183,11 +183,11 @@ def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_o
 
 # dv may be dv_local itself (updated in place), and a config writes only its own value blocks' rows of the
 # zero-filled hdh: restore both between the configs autotuning tries.
-@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G"], prune_configs_by={"early_config_prune": _prune_bwd},
-          restore=("dv_local", "hdh"))
-@triton.jit
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G", "N_BUCKET"],
+          prune_configs_by={"early_config_prune": _prune_bwd}, restore=("dv_local", "hdh"))
+@triton.jit(do_not_specialize=["N_BUCKET"])
 def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h, hdh, cu_seqlens, chunk_offsets,
-                           scale, NC,
+                           N_BUCKET, scale, NC,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr,
                            BKS: tl.constexpr,
                            NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
@@ -339,6 +339,13 @@ def _state_block(K: int) -> int:
     return min(64, max(16, triton.next_power_of_2(K)))
 
 
+def _segment_bucket(N: int) -> int:
+    """The number of segments rounded up to a power of two: part of the state passes' autotune key, since one program
+    walks each segment's chunks in turn, so the best value block differs between many short segments (a batch of short
+    sequences) and a few long ones (one long sequence: few programs for the SMs); the kernels do not read it."""
+    return triton.next_power_of_2(N)
+
+
 def _grid(N: int, H: int, V: int):
     return lambda meta: (triton.cdiv(V, meta["BV"]) * N * H,)
 
@@ -384,9 +391,9 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
     h = _empty((layout.max_chunks, H, K, V), k.dtype, k.device)
     BKS = _state_block(K)
     chunk_state_fwd_kernel[_grid(N, H, V)](
-        k, rk, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, VF=VF,
-        BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None,
-        NORM=rk is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        k, rk, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, _segment_bucket(N), H=H, K=K,
+        V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None,
+        USE_G=g_cum is not None, NORM=rk is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
         STORE_V_NEW=w is not None and v_new is not None)
     return h
 
@@ -429,9 +436,9 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
     BKS = _state_block(K)
     chunk_state_bwd_kernel[_grid(N, H, V)](
         q, k, rq, rk, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets,
-        scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS),
-        DELTA=w is not None, USE_G=g_cum is not None, NORM=rk is not None, USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None)
+        _segment_bucket(N), scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS,
+        NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None, NORM=rk is not None,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None)
     return dh, hdh
 
 
