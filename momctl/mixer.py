@@ -189,6 +189,13 @@ class MoMMixer(nn.Module):
                                     conv=at_least_fp32(new_conv.reshape(B, S, c.conv_size - 1, -1)))
         return self._output(x_BTD, o_BTHV, new_state, router_logits_BTE, member_BTS)
 
+    def _gates(self, gates: list[torch.Tensor], M: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """beta `[1, M, H]` (or None) and the log decay g `[1, M, H]` (or None) from the gate projections of M rows."""
+        H = self.config.num_heads
+        beta = gates[0].sigmoid().reshape(1, M, H) if self.config.has_beta else None
+        g = self._log_decay(gates[-1]).reshape(1, M, H) if self.config.has_decay else None
+        return beta, g
+
     def _log_decay(self, a: torch.Tensor) -> torch.Tensor:
         """g = -exp(A_log) * softplus(a + dt_bias), the log of the per-head decay, at least fp32."""
         a = at_least_fp32(a)
@@ -220,8 +227,13 @@ class MoMMixer(nn.Module):
         if state is not None:  # slot-major order (s, b)
             cache_NWC = state.conv.to(x_BTD.dtype).transpose(0, 1).reshape(S * B, W - 1, self.conv_channels)
         if c.conv_scope == "segment":
+            # Without autograd (prefill) each buffer here dies at its last use: the copies of x once projected, the
+            # projections (gates included) once convolved. With autograd the backward keeps what it needs anyway.
             x_MD = gather_copies(x_ND, packing)
-            k_MC, v_MC, *gates = grouped_linear(x_MD, weight_SND, packing.slot_ends_S).split(widths, dim=-1)
+            proj_MC = grouped_linear(x_MD, weight_SND, packing.slot_ends_S)
+            del x_MD
+            k_MC, v_MC, *gates = proj_MC.split(widths, dim=-1)
+            beta, g = self._gates(gates, M)
             q_MC = gather_copies(self.q_proj(x_ND), packing)
             if cache_NWC is not None:  # the padding segment starts from zeros
                 cache_NWC = torch.cat([cache_NWC, cache_NWC.new_zeros(1, *cache_NWC.shape[1:])])
@@ -230,15 +242,16 @@ class MoMMixer(nn.Module):
             convs = [self.q_conv1d, self.k_conv1d, self.v_conv1d]
             outs = [short_conv_varlen(u, conv.weight[:, 0], packing.cu_seqlens, cache, return_state)
                     for u, conv, cache in zip((q_MC, k_MC, v_MC), convs, caches, strict=True)]
+            del proj_MC, q_MC, k_MC, v_MC, gates
             q, k, v = (y.reshape(1, M, H, -1) for y, _ in outs)
             new_conv = torch.cat([cache for _, cache in outs], dim=-1) if return_state else None
+            del outs
         else:
             conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
             u_MC, gates, new_conv = self._conv_over_time(x_ND, valid_BT, packing, weight_SND, widths, conv_weight,
                                                          cache_NWC, return_state)
             q, k, v = (t.reshape(1, M, H, -1) for t in u_MC.split([HK, HK, HV], dim=-1))
-        beta = gates[0].sigmoid().reshape(1, M, H) if c.has_beta else None
-        g = self._log_decay(gates[-1]).reshape(1, M, H) if c.has_decay else None
+            beta, g = self._gates(gates, M)
         initial = None
         if state is not None:  # slot-major, zeros for the padding segment
             initial = state.memory.transpose(0, 1).reshape(S * B, H, K, V)
