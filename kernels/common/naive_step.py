@@ -52,17 +52,24 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     q, k, v = y_BSC.split([HK, HK, HV], dim=-1)
     q, k = (_l2norm(t.reshape(B, S, H, K)) for t in (q, k))
     v = v.reshape(B, S, H, V)
+    # The state is read once, by one batched product with q and k stacked (a matmul: ONNX Runtime's CUDA Einsum is
+    # slow): with S' = alpha S + k u^T, q^T S' = alpha q^T S + (q . k) u. An untouched slot gets alpha 1 and u 0, so
+    # its S' is S bit for bit.
     state = memory.to(f)
+    qS, kS = torch.matmul(torch.stack([q, k], dim=-2), state).unbind(-2)
+    alpha = torch.ones_like(q[..., 0])
     if A_log is not None:
         g = -A_log.to(f).exp() * F.softplus(block(columns.a, H) + dt_bias.to(f))
-        state = g.exp()[..., None, None] * state
+        alpha = g.exp()
+    u = v
     if delta:
         beta = block(columns.b, H).sigmoid()
-        v = beta[..., None] * (v - _apply(state, k))
-    state = state + k[..., :, None] * v[..., None, :]
-    o = scale * _apply(state, q) * weight_BS[..., None, None]
-    o = torch.where(touched_BS[..., None, None], o, 0)
-    new_memory = torch.where(touched_BS[..., None, None, None], state, memory.to(f))
+        u = beta[..., None] * (v - alpha[..., None] * kS)
+    touched = touched_BS[..., None]
+    o = scale * (alpha[..., None] * qS + (q * k).sum(-1, keepdim=True) * u) * weight_BS[..., None, None]
+    o = torch.where(touched[..., None], o, 0)
+    alpha, u = torch.where(touched, alpha, 1), torch.where(touched[..., None], u, 0)
+    new_memory = alpha[..., None, None] * state + k[..., :, None] * u[..., None, :]
     if conv_out is not None:
         return o, memory.copy_(new_memory), conv_out.copy_(new_conv)
     return o, new_memory, new_conv
@@ -70,8 +77,3 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
 
 def _l2norm(x: Tensor) -> Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
-
-
-def _apply(state_NKV: Tensor, x_NK: Tensor) -> Tensor:
-    """x^T S per (b, s, h): a batched matrix-vector product (no einsum: ONNX Runtime's CUDA Einsum is slow)."""
-    return torch.matmul(x_NK.unsqueeze(-2), state_NKV).squeeze(-2)
