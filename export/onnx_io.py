@@ -84,9 +84,10 @@ def to_onnx_layout(state: StepState) -> list[torch.Tensor]:
         if isinstance(layer, KVCache):
             flat += [layer.keys.float(), layer.values.float()]
         else:
-            B, S, H, K, V = layer.memory.shape
-            flat += [layer.memory.float().reshape(B, S * H, K, V),
-                     layer.conv.float().transpose(2, 3).reshape(B, -1, layer.conv.shape[2])]
+            memory = layer.memory.float()  # [B, S, H, K, V], or already [B, S*H, K, V] (OnnxStep's)
+            if memory.dim() == 5:
+                memory = memory.flatten(1, 2)
+            flat += [memory, layer.conv.float().transpose(2, 3).reshape(layer.conv.shape[0], -1, layer.conv.shape[2])]
     return flat
 
 
@@ -114,9 +115,9 @@ class OnnxStep(nn.Module):
                 layers.append(KVCache(first, second))
             else:
                 S, C = c.num_slots, 2 * c.key_dim + c.value_dim
-                memory = first.reshape(B, S, c.num_heads, c.head_dim, c.head_v_dim)
+                # the memory stays [B, S*H, K, V] (`mom_step_ref` takes it so): reshaping it would copy the state
                 conv = second.reshape(B, S, C, c.conv_size - 1).transpose(2, 3)
-                layers.append(MemoryState(memory, conv))
+                layers.append(MemoryState(first, conv))
         logits, new_state = decode_step(self.model, input_ids, StepState(layers, positions))
         present = to_onnx_layout(new_state)[1 if self.has_attention else 0:]
         return (logits.float(), *present)

@@ -19,8 +19,14 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     (s >= E) always, weight 1. Per slot: y = SiLU(conv([window, u])) for u = (q, k_s, v_s), q and k L2-normalised,
     alpha = exp(-exp(A_log) softplus(a_s + dt_bias)) (1 without decay), u' = beta_s (v - alpha S^T k) (delta rule,
     beta_s = sigmoid(b_s)) or v; S' = alpha S + k u'^T, o = w_s scale S'^T q.
+
+    memory may also come as `[B, S*H, K, V]` (the ONNX layout; the new memory then has it too): an exported graph
+    reshaping its state inputs and outputs would copy the whole state twice a step.
     """
-    B, S, H, K, V = memory.shape
+    B, S = conv.shape[:2]
+    K, V = memory.shape[-2:]
+    H = memory.shape[1] // S if memory.dim() == 4 else memory.shape[2]
+    lead = memory.shape[:-2]  # (B, S, H) or (B, S*H)
     E = num_memories
     HK, HV = H * K, H * V
     scale = K ** -0.5 if scale is None else scale
@@ -56,7 +62,7 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     # slow): with S' = alpha S + k u^T, q^T S' = alpha q^T S + (q . k) u. An untouched slot gets alpha 1 and u 0, so
     # its S' is S bit for bit.
     state = memory.to(f)
-    qS, kS = torch.matmul(torch.stack([q, k], dim=-2), state).unbind(-2)
+    qS, kS = torch.matmul(torch.stack([q, k], dim=-2).reshape(*lead, 2, K), state).reshape(B, S, H, 2, V).unbind(-2)
     alpha = torch.ones_like(q[..., 0])
     if A_log is not None:
         g = -A_log.to(f).exp() * F.softplus(block(columns.a, H) + dt_bias.to(f))
@@ -69,7 +75,7 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     o = scale * (alpha[..., None] * qS + (q * k).sum(-1, keepdim=True) * u) * weight_BS[..., None, None]
     o = torch.where(touched[..., None], o, 0)
     alpha, u = torch.where(touched, alpha, 1), torch.where(touched[..., None], u, 0)
-    new_memory = alpha[..., None, None] * state + k[..., :, None] * u[..., None, :]
+    new_memory = alpha.reshape(*lead, 1, 1) * state + k.reshape(*lead, K, 1) * u.reshape(*lead, 1, V)
     if conv_out is not None:
         return o, memory.copy_(new_memory), conv_out.copy_(new_conv)
     return o, new_memory, new_conv
