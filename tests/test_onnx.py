@@ -97,6 +97,18 @@ def test_manifest_names_follow_the_recurrent_convention(bundle_dir):
     assert (bundle_dir / "tokenizer_config.json").is_file() and manifest["opset"] == 18
 
 
+def test_the_graph_does_not_copy_the_recurrent_state_in_or_out(bundle_dir):
+    """ONNX Runtime copies a reshaped graph input or output: the memories must enter the step's arithmetic and leave
+    it in their `[B, S*H, K, V]` layout (the recurrent state is most of what a step reads and writes)."""
+    import onnx
+
+    graph = onnx.load(str(bundle_dir / "model.onnx"), load_external_data=False).graph
+    states = {t.name for t in [*graph.input, *graph.output] if t.name.endswith("recurrent_state")}
+    movers = [n.op_type for n in graph.node if n.op_type in ("Reshape", "Transpose", "Identity")
+              and {*n.input[:1], *n.output} & states]
+    assert len(states) == 4 and not movers, movers
+
+
 def test_eager_compile_and_onnx_write_the_same_greedy_text(run_dir, bundle_dir):
     eager = momctl("generate", run_dir, *PROMPTS)
     compiled = momctl("generate", run_dir, *PROMPTS, "--backend", "compile")
