@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = at_least_fp32(x)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
 
 
@@ -38,7 +38,7 @@ class GatedRMSNorm(RMSNorm):
 
             return gated_rmsnorm(x, gate, self.weight, self.eps)
         y = at_least_fp32(x)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype) * F.silu(gate.to(y.dtype))).to(x.dtype)
 
 
