@@ -5,6 +5,10 @@ buffers, step t reads set t % 2 and writes the other (IO binding; on the CUDA EP
 the token ids go up and the logits come down). Prompts are fed through the same step, one prompt at a time, and the
 sequences then decode together.
 
+On the CUDA EP each batch size gets its own session, with the batch axis fixed (so the shape arithmetic folds away
+and every node runs on the GPU) and ONNX Runtime's CUDA graphs on: a step replays a captured graph instead of
+launching each node from the host. See `PingPongStepper` for why that needs the ping-pong.
+
 Legend: B batch, W vocabulary.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +36,9 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(i
 
 class OnnxBundle:
     """An exported bundle, loaded and checked: the manifest, the ONNX Runtime session and the tokenizer.
+
+    `session` is the plain session every batch size can use (`step`, and the steppers on a CPU); on CUDA the steppers
+    get a CUDA-graph session per batch size instead (`stepper`).
 
     Args:
         folder: the bundle folder.
@@ -60,6 +68,7 @@ class OnnxBundle:
         self.state = self.manifest["state"]  # [{"input": past name, "output": present name}]
         self.has_positions = "position_ids" in self.inputs
         self.max_length = self.manifest.get("max_length")
+        self._steppers: dict[int, PingPongStepper] = {}
 
     def init_state(self, batch_size: int) -> dict[str, np.ndarray]:
         """An empty state (no tokens seen) for `batch_size` sequences: input name -> zeros."""
@@ -81,8 +90,36 @@ class OnnxBundle:
         return logits_BW, new_state
 
     def stepper(self, state: dict[str, np.ndarray]) -> PingPongStepper:
-        """A stepper that decodes from `state` (`init_state(B)` or a state `step` returned) on the session's device."""
-        return PingPongStepper(self, state)
+        """The stepper of this batch size, reset to decode from `state` (`init_state(B)` or a state `step` or a
+        stepper returned). There is one per batch size, made on first use with its buffers (and on CUDA its session
+        and graphs): a later call with the same batch size resets and returns the same object."""
+        batch_size = _batch_size(state)
+        stepper = self._steppers.get(batch_size)
+        if stepper is None:
+            stepper = self._steppers[batch_size] = PingPongStepper(self, state, *self._stepper_session(batch_size))
+        else:
+            stepper.reset(state)
+        return stepper
+
+    def _stepper_session(self, batch_size: int) -> tuple[ort.InferenceSession, bool]:
+        """The session a stepper of `batch_size` runs on, and whether it captures CUDA graphs: on CUDA a new session
+        with the batch axis fixed and CUDA graphs on, else (or when ONNX Runtime cannot make that one; a warning says
+        why) the shared `session`."""
+        if self.device_type != "cuda":
+            return self.session, False
+        options = ort.SessionOptions()
+        # The graph's own name for the batch axis (the name the override matches).
+        options.add_free_dimension_override_by_name(self.session.get_inputs()[0].shape[0], batch_size)
+        provider = ("CUDAExecutionProvider", {"device_id": self.device_id, "enable_cuda_graph": "1"})
+        try:
+            # enable_fallback=0: on failure ONNX Runtime would otherwise print to stdout and retry on the CPU.
+            session = ort.InferenceSession(str(self.folder / self.manifest["model"]), options, providers=[provider],
+                                           enable_fallback=0)
+        except Exception as err:  # ONNX Runtime's own exception types
+            warnings.warn(f"batch {batch_size} decodes without CUDA graphs: ONNX Runtime cannot make a CUDA-graph "
+                          f"session ({_one_line(err)})", stacklevel=3)
+            return self.session, False
+        return session, True
 
     def state_bytes(self, batch_size: int) -> int:
         return sum(a.nbytes for a in self.init_state(batch_size).values())
@@ -102,7 +139,7 @@ class OnnxBundle:
         # Each distinct prompt once, batch 1, then one row per sample.
         rows, logits_rows = [], []
         for p in range(len(prompts)):
-            stepper = PingPongStepper(self, self.init_state(1))
+            stepper = self.stepper(self.init_state(1))
             for token in encoded[p * sampling.num_samples]:
                 logits_1W = stepper.step(np.array([token], dtype=np.int64))
             rows += [stepper.state()] * sampling.num_samples
@@ -112,7 +149,7 @@ class OnnxBundle:
         first_token_s = time.perf_counter() - start
 
         B = len(encoded)
-        stepper = PingPongStepper(self, state)
+        stepper = self.stepper(state)
         streams = TextStreams(self.tokenizer, B, sampling.stop_at_eos, on_text)
         decode_start = time.perf_counter()
         for n in range(sampling.max_new_tokens):
@@ -130,45 +167,96 @@ class OnnxBundle:
 
 
 class PingPongStepper:
-    """Steps with IO binding over two preallocated state buffers on the session's device (see the module doc): the
-    batch size is fixed by the state it starts from."""
+    """Steps one batch size with IO binding over buffers on the session's device that never move: the token ids,
+    the positions, two sets of state buffers and the logits. Step t reads state set t % 2 and writes the other.
 
-    def __init__(self, bundle: OnnxBundle, state: dict[str, np.ndarray]) -> None:
+    On CUDA the session captures each direction of the ping-pong (read set 0 and write set 1; read set 1 and write
+    set 0) as its own CUDA graph, told apart by the run option `gpu_graph_id`. A captured graph replays the buffer
+    addresses it was captured with: the inputs are updated in place (`update_inplace`) and the bindings are made
+    once, and a single graph for both directions would replay the first direction on every step (silently wrong
+    logits). The state is never updated in place either: the call that captures a graph runs the step more than
+    once (ONNX Runtime's warm-up runs, then the capture, replayed for the outputs), which would advance an
+    in-place state several times, again with no error (and even without graphs, nodes would overwrite state that
+    later nodes of the same step still read). With distinct input and output sets each of those runs computes
+    the same step.
+
+    A stepper whose first capture fails (its first step in either direction) warns and goes on with the bundle's
+    plain session; `graphs` says whether CUDA graphs are in use. On a CPU the same buffers and bindings serve the
+    shared session, without graphs.
+    """
+
+    def __init__(self, bundle: OnnxBundle, state: dict[str, np.ndarray], session: ort.InferenceSession,
+                 graphs: bool) -> None:
         self.bundle = bundle
-        device = (bundle.device_type, bundle.device_id)
-        # Buffers the session owns (an OrtValue made from a numpy array may share the array's memory).
-        self.buffers = [{}, {}]
-        for pair in bundle.state:
-            initial = np.ascontiguousarray(state[pair["input"]])
-            for buffers in self.buffers:
-                buffers[pair["input"]] = ort.OrtValue.ortvalue_from_shape_and_type(initial.shape, initial.dtype,
-                                                                                   *device)
-            self.buffers[0][pair["input"]].update_inplace(initial)
-        self.positions = state["position_ids"].copy() if bundle.has_positions else None
-        batch_size = next(iter(state.values())).shape[0]
-        vocab_size = bundle.manifest["outputs"][0]["shape"][-1]
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, vocab_size), np.float32, "cpu", 0)
+        self.batch_size = _batch_size(state)
+
+        def buffer(spec: dict) -> ort.OrtValue:  # memory ONNX Runtime owns, on the bundle's device
+            return ort.OrtValue.ortvalue_from_shape_and_type(_shape(spec, self.batch_size), np.dtype(spec["dtype"]),
+                                                             bundle.device_type, bundle.device_id)
+
+        self.input_ids = buffer(bundle.inputs["input_ids"])
+        self.position_ids = buffer(bundle.inputs["position_ids"]) if bundle.has_positions else None
+        self.buffers = [{pair["input"]: buffer(bundle.inputs[pair["input"]]) for pair in bundle.state}
+                        for _ in range(2)]
+        self.logits = buffer(bundle.manifest["outputs"][0])
+        self.run_options = []
+        for graph_id in ("1", "2"):  # one CUDA graph per direction (ignored without CUDA graphs)
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", graph_id)
+            self.run_options.append(options)
+        self._bind(session, graphs)
+        self.reset(state)
+
+    def _bind(self, session: ort.InferenceSession, graphs: bool) -> None:
+        """Bind the buffers to `session` once per direction: `bindings[i]` reads set i and writes set 1 - i."""
+        self.session, self.graphs = session, graphs
+        self.to_capture = [graphs, graphs]  # per direction: its first run, which captures its graph, is to come
+        self.bindings = []
+        for read, write in ((0, 1), (1, 0)):
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("input_ids", self.input_ids)
+            if self.position_ids is not None:
+                binding.bind_ortvalue_input("position_ids", self.position_ids)
+            for pair in self.bundle.state:
+                binding.bind_ortvalue_input(pair["input"], self.buffers[read][pair["input"]])
+                binding.bind_ortvalue_output(pair["output"], self.buffers[write][pair["input"]])
+            binding.bind_ortvalue_output("logits", self.logits)
+            self.bindings.append(binding)
+
+    def reset(self, state: dict[str, np.ndarray]) -> None:
+        """Decode from `state` next (same batch size): it is copied into state set 0, which the next step reads."""
+        if _batch_size(state) != self.batch_size:
+            raise MomctlError(f"this stepper decodes {self.batch_size} sequences, the state holds "
+                              f"{_batch_size(state)}: get a stepper of that batch size from bundle.stepper(state)")
+        for name, buffer in self.buffers[0].items():
+            buffer.update_inplace(np.ascontiguousarray(state[name], dtype=self.bundle.inputs[name]["dtype"]))
+        self.positions = state["position_ids"].astype(np.int64) if self.position_ids is not None else None
         self.current = 0
-        self.binding = bundle.session.io_binding()
 
     def step(self, input_ids_B: np.ndarray) -> np.ndarray:
         """Feed one token per sequence; returns the logits `[B, W]` (on the host)."""
-        binding, read, write = self.binding, self.buffers[self.current], self.buffers[1 - self.current]
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids_B, dtype=np.int64))
+        self.input_ids.update_inplace(np.ascontiguousarray(input_ids_B, dtype=np.int64))
         if self.positions is not None:
-            binding.bind_cpu_input("position_ids", self.positions)
-        for pair in self.bundle.state:
-            binding.bind_ortvalue_input(pair["input"], read[pair["input"]])
-            binding.bind_ortvalue_output(pair["output"], write[pair["input"]])
-        binding.bind_ortvalue_output("logits", self.logits)
-        self.bundle.session.run_with_iobinding(binding)
-        logits_BW = self.logits.numpy().copy()
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+            self.position_ids.update_inplace(self.positions)
+        self._run(self.current)
+        logits_BW = self.logits.numpy()  # a copy from a GPU; a view of the buffer on a CPU
         self.current = 1 - self.current
         if self.positions is not None:
             self.positions = self.positions + 1
-        return logits_BW
+        return logits_BW.copy() if self.bundle.device_type == "cpu" else logits_BW
+
+    def _run(self, direction: int) -> None:
+        try:
+            self.session.run_with_iobinding(self.bindings[direction], self.run_options[direction])
+        except Exception as err:  # ONNX Runtime's own exception types
+            if not self.to_capture[direction]:
+                raise
+            # The failed run wrote only the other set: the step runs again from the same state.
+            warnings.warn(f"batch {self.batch_size} decodes without CUDA graphs: capturing one failed "
+                          f"({_one_line(err)})", stacklevel=3)
+            self._bind(self.bundle.session, graphs=False)
+            self.session.run_with_iobinding(self.bindings[direction], self.run_options[direction])
+        self.to_capture[direction] = False
 
     def state(self) -> dict[str, np.ndarray]:
         """The current state, copied to the host."""
@@ -262,6 +350,10 @@ def _pick_device(device: str) -> tuple[str, int]:
                               f"onnxruntime-gpu or use --device cpu")
         return "cuda", int(device.removeprefix("cuda").lstrip(":") or 0)
     raise MomctlError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
+
+
+def _batch_size(state: dict[str, np.ndarray]) -> int:
+    return next(iter(state.values())).shape[0]
 
 
 def _shape(spec: dict, batch_size: int) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """ONNX export and the bundle runtime: ONNX Runtime (CPU) == the eager step over 64 fed-back steps, the three
-backends write the same greedy text, the runtime never imports torch, and bad inputs are one-line errors."""
+backends write the same greedy text, the runtime never imports torch, and bad inputs are one-line errors. On a GPU:
+the CUDA provider == eager, and its CUDA-graph steppers == its plain session."""
 
 import json
 import os
@@ -57,6 +58,25 @@ def fed_back_errors(model, bundle, batch_size=3, steps=STEPS):
     return errors
 
 
+def assert_replays_after_reset(bundle, batch_size, before=4, after=5):
+    """The bundle's stepper of `batch_size`, reset to the state it reached after `before` steps, gives the logits of
+    the `after` steps that followed again, and they are the plain `bundle.step`'s from that state. (`before + after`
+    odd: when reset, the stepper was to read its second state set next.)"""
+    tokens = np.random.default_rng(1).integers(0, bundle.manifest["outputs"][0]["shape"][-1],
+                                               (before + after, batch_size))
+    stepper = bundle.stepper(bundle.init_state(batch_size))
+    for token in tokens[:before]:
+        stepper.step(token)
+    midway = stepper.state()
+    first = [stepper.step(token) for token in tokens[before:]]
+    assert bundle.stepper(midway) is stepper
+    again = [stepper.step(token) for token in tokens[before:]]
+    state = midway
+    for t, token in enumerate(tokens[before:]):
+        plain, state = bundle.step(token, state)
+        assert np.array_equal(first[t], again[t]) and np.array_equal(first[t], plain), (batch_size, t)
+
+
 def test_bundle_matches_eager_over_64_steps(run_dir, bundle_dir):
     from momctl.generation import load_for_inference
 
@@ -80,6 +100,20 @@ def test_gdn_with_attention_matches_eager_over_64_steps(tmp_path):
     again, _ = bundle.step(np.array([5, 7]), state)
     assert np.array_equal(logits, again) and all(not a.any() for a in state.values())
     assert np.array_equal(bundle.stepper(bundle.init_state(2)).step(np.array([5, 7])), logits)
+    assert_replays_after_reset(bundle, 3)  # the positions are reset too
+
+
+def test_one_stepper_per_batch_size(bundle_dir):
+    """`stepper` keeps one stepper (buffers, bindings) per batch size and resets it to each new state."""
+    bundle = OnnxBundle(bundle_dir, device="cpu")
+    stepper = bundle.stepper(bundle.init_state(2))
+    assert bundle.stepper(bundle.init_state(2)) is stepper and not stepper.graphs
+    assert_replays_after_reset(bundle, 2)
+    assert_replays_after_reset(bundle, 1)
+    assert bundle.stepper(bundle.init_state(1)) is not stepper
+    with pytest.raises(MomctlError, match="decodes 2 sequences, the state holds 3") as error:
+        stepper.reset(bundle.init_state(3))
+    assert "\n" not in str(error.value)
 
 
 def test_manifest_names_follow_the_recurrent_convention(bundle_dir):
@@ -201,6 +235,50 @@ def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path):
     export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
     errors = fed_back_errors(model, OnnxBundle(tmp_path / "b", device="cuda"))
     assert max(errors) < 2e-2, errors
+
+
+def _onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
+def test_cuda_graph_steppers_match_the_plain_cuda_session(tmp_path):
+    """Each batch size's stepper replays CUDA graphs, and over 17 fed-back greedy steps (both ping-pong directions
+    captured, then each replayed 7 or 8 times) and again after a reset to a state it reached, it gives the plain
+    (graph-less) CUDA session's tokens and logits. Capturing both directions as one graph, or updating the state in
+    place, gives other logits."""
+    model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
+    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
+    bundle = OnnxBundle(tmp_path / "b", device="cuda")
+    steps = 17
+    for batch_size in (1, 3):
+        stepper = bundle.stepper(bundle.init_state(batch_size))
+        assert stepper.graphs and stepper.session is not bundle.session
+        token, state, midway, errors = np.arange(5, 5 + batch_size), bundle.init_state(batch_size), None, []
+        tokens, plain_logits = [], []
+        for t in range(steps):
+            tokens.append(token)
+            logits = stepper.step(token)
+            want, state = bundle.step(token, state)  # session.run on the shared session: no CUDA graphs
+            errors.append(rel_err(torch.from_numpy(logits), torch.from_numpy(want)))
+            assert np.array_equal(logits.argmax(-1), want.argmax(-1)), (batch_size, t)
+            plain_logits.append(want)
+            token = want.argmax(-1)
+            if t == 4:
+                midway = stepper.state()
+        assert max(errors) < 1e-2, (batch_size, errors)
+        assert all(rel_err(torch.from_numpy(got), torch.from_numpy(want)) < 1e-2
+                   for got, want in zip(stepper.state().values(), state.values(), strict=True))
+        assert bundle.stepper(midway) is stepper  # 17 steps: reset must make the next step read set 0 again
+        for t in range(5, steps):
+            logits = stepper.step(tokens[t])
+            assert np.array_equal(logits.argmax(-1), plain_logits[t].argmax(-1)), (batch_size, t)
+            assert rel_err(torch.from_numpy(logits), torch.from_numpy(plain_logits[t])) < 1e-2, (batch_size, t)
+    assert bundle.stepper(bundle.init_state(1)) is not bundle.stepper(bundle.init_state(3))
 
 
 @pytest.mark.gpu
