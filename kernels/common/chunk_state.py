@@ -242,6 +242,17 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
         else:
             b_dh4 = tl.zeros([BKS, BV], dtype=tl.float32)
 
+    if STORE_HDH:  # h of the last chunk; the loop loads each next one a chunk ahead, off the serial path (an empty
+        # segment's row boc is still inside the table, and never used)
+        p_h = h + ((boc + tl.maximum(NT - 1, 0)) * H + i_h) * K * V
+        b_hc1 = tl.load(p_h + o_s1, mask=m_s1, other=0.0)
+        if NKS > 1:
+            b_hc2 = tl.load(p_h + o_s2, mask=m_s2, other=0.0)
+        if NKS > 2:
+            b_hc3 = tl.load(p_h + o_s3, mask=m_s3, other=0.0)
+        if NKS > 3:
+            b_hc4 = tl.load(p_h + o_s4, mask=m_s4, other=0.0)
+
     for i_r in range(NT):
         i_c = NT - 1 - i_r
         t0 = bos + i_c * BT
@@ -256,15 +267,24 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
         if NKS > 3:
             tl.store(p_dh + o_s4, b_dh4.to(dh.dtype.element_ty), mask=m_s4)
         if STORE_HDH:  # <h, dh'> of this chunk's value block, from the fp32 dh' (see chunk_state_bwd)
-            p_h = h + ((boc + i_c) * H + i_h) * K * V
-            b_hdh = tl.sum(tl.sum(tl.load(p_h + o_s1, mask=m_s1, other=0.0).to(tl.float32) * b_dh1, 1), 0)
+            # h of this chunk was loaded one iteration ahead; one reduction over the sum of the blocks' products
+            b_hdh_KV = b_hc1.to(tl.float32) * b_dh1
             if NKS > 1:
-                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s2, mask=m_s2, other=0.0).to(tl.float32) * b_dh2, 1), 0)
+                b_hdh_KV += b_hc2.to(tl.float32) * b_dh2
             if NKS > 2:
-                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s3, mask=m_s3, other=0.0).to(tl.float32) * b_dh3, 1), 0)
+                b_hdh_KV += b_hc3.to(tl.float32) * b_dh3
             if NKS > 3:
-                b_hdh += tl.sum(tl.sum(tl.load(p_h + o_s4, mask=m_s4, other=0.0).to(tl.float32) * b_dh4, 1), 0)
-            tl.store(hdh + (i_v * NC + boc + i_c) * H + i_h, b_hdh)
+                b_hdh_KV += b_hc4.to(tl.float32) * b_dh4
+            tl.store(hdh + (i_v * NC + boc + i_c) * H + i_h, tl.sum(tl.sum(b_hdh_KV, 1), 0))
+            # the next iteration's h (at the first chunk, its own again: unused)
+            p_h = h + ((boc + tl.maximum(i_c - 1, 0)) * H + i_h) * K * V
+            b_hc1 = tl.load(p_h + o_s1, mask=m_s1, other=0.0)
+            if NKS > 1:
+                b_hc2 = tl.load(p_h + o_s2, mask=m_s2, other=0.0)
+            if NKS > 2:
+                b_hc3 = tl.load(p_h + o_s3, mask=m_s3, other=0.0)
+            if NKS > 3:
+                b_hc4 = tl.load(p_h + o_s4, mask=m_s4, other=0.0)
 
         # dv = dv_local + (K * e^{G_L - G}) dh'
         b_dv = tl.dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty))  # [BT, BV]
