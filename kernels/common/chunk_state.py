@@ -52,6 +52,13 @@ def _state_tile(o_v, m_v, I: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS
 
 
 @triton.jit
+def _state_blocks(p, o_s1, o_s2, o_s3, o_s4, m_s1, m_s2, m_s3, m_s4):
+    """The four [BKS, BV] blocks of the state at p (blocks past K are fully masked: zeros, and unused)."""
+    return (tl.load(p + o_s1, mask=m_s1, other=0.0), tl.load(p + o_s2, mask=m_s2, other=0.0),
+            tl.load(p + o_s3, mask=m_s3, other=0.0), tl.load(p + o_s4, mask=m_s4, other=0.0))
+
+
+@triton.jit
 def _rows(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: tl.constexpr):
     """[BT, BKS] block I (columns I * BKS ...) of a [T, H, D] tensor at the positions o_t; p points at the head."""
     o_d = I * BKS + tl.arange(0, BKS)
@@ -244,14 +251,8 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
 
     if STORE_HDH:  # h of the last chunk; the loop loads each next one a chunk ahead, off the serial path (an empty
         # segment's row boc is still inside the table, and never used)
-        p_h = h + ((boc + tl.maximum(NT - 1, 0)) * H + i_h) * K * V
-        b_hc1 = tl.load(p_h + o_s1, mask=m_s1, other=0.0)
-        if NKS > 1:
-            b_hc2 = tl.load(p_h + o_s2, mask=m_s2, other=0.0)
-        if NKS > 2:
-            b_hc3 = tl.load(p_h + o_s3, mask=m_s3, other=0.0)
-        if NKS > 3:
-            b_hc4 = tl.load(p_h + o_s4, mask=m_s4, other=0.0)
+        b_hc1, b_hc2, b_hc3, b_hc4 = _state_blocks(h + ((boc + tl.maximum(NT - 1, 0)) * H + i_h) * K * V, o_s1, o_s2,
+                                                   o_s3, o_s4, m_s1, m_s2, m_s3, m_s4)
 
     for i_r in range(NT):
         i_c = NT - 1 - i_r
@@ -277,14 +278,8 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
                 b_hdh_KV += b_hc4.to(tl.float32) * b_dh4
             tl.store(hdh + (i_v * NC + boc + i_c) * H + i_h, tl.sum(tl.sum(b_hdh_KV, 1), 0))
             # the next iteration's h (at the first chunk, its own again: unused)
-            p_h = h + ((boc + tl.maximum(i_c - 1, 0)) * H + i_h) * K * V
-            b_hc1 = tl.load(p_h + o_s1, mask=m_s1, other=0.0)
-            if NKS > 1:
-                b_hc2 = tl.load(p_h + o_s2, mask=m_s2, other=0.0)
-            if NKS > 2:
-                b_hc3 = tl.load(p_h + o_s3, mask=m_s3, other=0.0)
-            if NKS > 3:
-                b_hc4 = tl.load(p_h + o_s4, mask=m_s4, other=0.0)
+            b_hc1, b_hc2, b_hc3, b_hc4 = _state_blocks(h + ((boc + tl.maximum(i_c - 1, 0)) * H + i_h) * K * V, o_s1,
+                                                       o_s2, o_s3, o_s4, m_s1, m_s2, m_s3, m_s4)
 
         # dv = dv_local + (K * e^{G_L - G}) dh'
         b_dv = tl.dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty))  # [BT, BV]
