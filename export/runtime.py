@@ -109,7 +109,8 @@ class OnnxBundle:
             return self.session, False
         options = ort.SessionOptions()
         # The graph's own name for the batch axis (the name the override matches).
-        options.add_free_dimension_override_by_name(self.session.get_inputs()[0].shape[0], batch_size)
+        batch_axis = next(i.shape[0] for i in self.session.get_inputs() if i.name == "input_ids")
+        options.add_free_dimension_override_by_name(batch_axis, batch_size)
         provider = ("CUDAExecutionProvider", {"device_id": self.device_id, "enable_cuda_graph": "1"})
         try:
             # enable_fallback=0: on failure ONNX Runtime would otherwise print to stdout and retry on the CPU.
