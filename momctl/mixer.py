@@ -16,7 +16,7 @@ from torch import nn
 from .backend import use_kernels
 from .config import ModelConfig
 from .modules import GatedRMSNorm, ShortConvWeight, at_least_fp32, short_conv, short_conv_varlen
-from .packing import gather_copies, grouped_linear, mix_copies, pack_tokens
+from .packing import gather_copies, mix_copies, pack_tokens, project_copies
 from .recurrence import memory_update
 from .routing import gather_segments, group_tokens
 from .routing import mix_segments as mix
@@ -227,11 +227,9 @@ class MoMMixer(nn.Module):
         if state is not None:  # slot-major order (s, b)
             cache_NWC = state.conv.to(x_BTD.dtype).transpose(0, 1).reshape(S * B, W - 1, self.conv_channels)
         if c.conv_scope == "segment":
-            # Without autograd (prefill) each buffer here dies at its last use: the copies of x once projected, the
-            # projections (gates included) once convolved. With autograd the backward keeps what it needs anyway.
-            x_MD = gather_copies(x_ND, packing)
-            proj_MC = grouped_linear(x_MD, weight_SND, packing.slot_ends_S)
-            del x_MD
+            # Without autograd (prefill) each buffer here dies at its last use: the projections (gates included) once
+            # convolved. With autograd the backward keeps what it needs, except the copies of x (gathered again).
+            proj_MC = project_copies(x_ND, weight_SND, packing)
             k_MC, v_MC, *gates = proj_MC.split(widths, dim=-1)
             beta, g = self._gates(gates, M)
             q_MC = gather_copies(self.q_proj(x_ND), packing)

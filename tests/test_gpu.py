@@ -68,3 +68,36 @@ def test_paper_layers_forward_backward_bf16_autocast(preset, attention_layers):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_project_copies_on_the_grouped_gemm_matches_the_fp64_product(top_k, autocast):
+    """The CUDA path of the per-memory projections (grouped GEMMs forward and backward, copies gathered again in
+    the backward) against fp64 autograd on the CPU, with empty memories and under bf16 autocast of fp32 tensors."""
+    from test_packed import grouped_projection_case
+
+    from momctl.packing import gather_copies, grouped_linear, project_copies
+
+    x, w, packing = grouped_projection_case(torch.float32 if autocast else torch.bfloat16, "cuda", top_k, 2056, 1024)
+    dy = torch.randn(packing.num_copies, 2056, device="cuda", dtype=torch.bfloat16)
+    xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = project_copies(xi, wi, packing)
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and xi.grad.dtype == x.dtype and wi.grad.dtype == w.dtype
+    cpu = [t.detach().cpu().double().requires_grad_() for t in (x, w)]
+    ends = packing.slot_ends_S.cpu()
+    expected = grouped_linear(gather_copies(cpu[0], pack_on_cpu(packing)), cpu[1], ends)
+    expected.backward(dy.cpu().double())
+    assert rel_err(y.double().cpu(), expected) < 5e-3
+    assert rel_err(xi.grad.double().cpu(), cpu[0].grad) < 5e-3
+    assert rel_err(wi.grad.double().cpu(), cpu[1].grad) < 5e-3
+    if top_k == 1:
+        assert wi.grad[[0, 1, 3]].eq(0).all()
+
+
+def pack_on_cpu(packing):
+    from dataclasses import fields, replace
+
+    return replace(packing, **{f.name: getattr(packing, f.name).cpu() for f in fields(packing)})

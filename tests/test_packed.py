@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import random_model, rel_err, small_config
 
-from momctl.packing import grouped_linear, pack_tokens
+from momctl.packing import gather_copies, grouped_linear, grouped_linear_bwd, pack_tokens, project_copies
 
 RULES = ["gated_delta", "delta", "gated", "linear"]
 
@@ -99,6 +99,57 @@ def test_grouped_linear_uses_each_rows_slot():
     ends = torch.tensor([2, 2, 7], dtype=torch.int32)  # slot 1 has no rows
     expected = torch.cat([x[:2] @ w[0].T, x[2:] @ w[2].T])
     assert rel_err(grouped_linear(x, w, ends), expected) < 1e-14
+
+
+def grouped_projection_case(dtype, device="cpu", top_k=2, N=12, D=16):
+    """Token rows, per-slot weights and a packing where top-1 leaves memories empty (E = 4, shared slot 4)."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, S = 2, 9, 5
+    slots = torch.stack([torch.randperm(S - 1, generator=gen)[:top_k] for _ in range(B * T)]).reshape(B, T, top_k)
+    slots = torch.cat([slots, torch.full((B, T, 1), S - 1)], -1)
+    if top_k == 1:
+        slots[..., 0] = 2  # every token to memory 2: memories 0, 1 and 3 get none
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 6:] = False
+    packing = pack_tokens(slots.to(device), torch.rand(B, T, top_k + 1).to(device), valid.to(device), S)
+    x = torch.randn(B * T, D, generator=gen).to(device, dtype)
+    w = torch.randn(S, N, D, generator=gen).to(device, dtype)
+    return x, w, packing
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_project_copies_gradients_equal_autograd_of_the_gathered_product(top_k):
+    x, w, packing = grouped_projection_case(torch.float64, top_k=top_k)
+    dy = torch.randn(packing.num_copies, w.shape[1], dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = project_copies(xi, wi, packing) if fused else grouped_linear(gather_copies(xi, packing), wi,
+                                                                         packing.slot_ends_S)
+        y.backward(dy)
+        runs.append((y, xi.grad, wi.grad))
+    for actual, expected in zip(*runs[::-1], strict=True):
+        assert rel_err(actual, expected) < 1e-12
+    if top_k == 1:
+        assert runs[1][2][[0, 1, 3]].eq(0).all()
+
+
+@pytest.mark.parametrize("N", [12, 13])
+def test_grouped_gemm_backward_equals_the_reference_backward(N):
+    """The two-grouped-GEMM backward (the CUDA path, run here where this torch has a CPU `_grouped_mm`) against
+    autograd through the reference product, with empty slots and a width that needs padding to 8."""
+    x, w, packing = grouped_projection_case(torch.bfloat16, top_k=1, N=N)
+    x_MD = x[packing.token_of_copy_M]
+    dy = torch.randn(packing.num_copies, N).bfloat16()
+    try:
+        fast = grouped_linear_bwd(x_MD, w, packing.slot_ends_S, dy, torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this torch has no CPU grouped GEMM: {error}")
+    reference = grouped_linear_bwd(x_MD.double(), w.double(), packing.slot_ends_S, dy.double(), None)
+    for actual, expected in zip(fast, reference, strict=True):
+        assert actual.shape == expected.shape
+        assert rel_err(actual.double(), expected) < 1e-2
+    assert fast[1][[0, 1, 3]].eq(0).all()
 
 
 @pytest.mark.parametrize("scope", ["segment", "time"])
