@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers import random_model, rel_err, small_config
 
-from momctl.packing import gather_copies, grouped_linear, grouped_linear_bwd, pack_tokens, project_copies
+from momctl.modules import short_conv_varlen
+from momctl.packing import convolve_copies, grouped_linear, grouped_linear_bwd, pack_tokens, project_copies
 
 RULES = ["gated_delta", "delta", "gated", "linear"]
 
@@ -124,7 +125,7 @@ def test_project_copies_gradients_equal_autograd_of_the_gathered_product(top_k):
     runs = []
     for fused in (False, True):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = project_copies(xi, wi, packing) if fused else grouped_linear(gather_copies(xi, packing), wi,
+        y = project_copies(xi, wi, packing) if fused else grouped_linear(xi[packing.token_of_copy_M], wi,
                                                                          packing.slot_ends_S)
         y.backward(dy)
         runs.append((y, xi.grad, wi.grad))
@@ -132,6 +133,35 @@ def test_project_copies_gradients_equal_autograd_of_the_gathered_product(top_k):
         assert rel_err(actual, expected) < 1e-12
     if top_k == 1:
         assert runs[1][2][[0, 1, 3]].eq(0).all()
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_convolve_copies_equals_the_conv_of_the_gathered_copies(top_k, with_cache, kernels, monkeypatch):
+    """Output, new cache and the gradients of x, the filter and the cache (the new cache in the loss too), on the
+    pure-PyTorch conv and on our Triton conv (interpreted); top-1 leaves memories with no tokens."""
+    monkeypatch.setenv("MOMCTL_KERNELS", kernels)
+    dtype = torch.float64 if kernels == "reference" else torch.float32
+    x, _, packing = grouped_projection_case(dtype, top_k=top_k)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(x.shape[1], 4, generator=gen).to(dtype)
+    N = packing.cu_seqlens.numel() - 1
+    cache = torch.randn(N, 3, x.shape[1], generator=gen).to(dtype) if with_cache else None
+    dy = torch.randn(packing.num_copies, x.shape[1], generator=gen).to(dtype)
+    dc = torch.randn(N, 3, x.shape[1], generator=gen).to(dtype)
+    runs = []
+    for fused in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (x, weight) + ((cache,) if with_cache else ())]
+        xi, wi, ci = inputs[0], inputs[1], inputs[2] if with_cache else None
+        if fused:
+            y, new_cache = convolve_copies(xi, wi, packing, ci, True)
+        else:
+            y, new_cache = short_conv_varlen(xi[packing.token_of_copy_M], wi, packing.cu_seqlens, ci, True)
+        ((y * dy).sum() + (new_cache * dc).sum()).backward()
+        runs.append([y, new_cache] + [t.grad for t in inputs])
+    for actual, expected in zip(runs[1], runs[0], strict=True):
+        assert rel_err(actual, expected) < (1e-12 if kernels == "reference" else 1e-5)
 
 
 @pytest.mark.parametrize("N", [12, 13])
