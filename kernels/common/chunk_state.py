@@ -72,7 +72,10 @@ def _cols(p, o_t, m_t, I: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BKS: t
     return tl.load(p + o_d[:, None] + o_t[None, :] * (H * D), mask=(o_d < D)[:, None] & m_t[None, :], other=0.0)
 
 
-@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune})
+# v_new may be v itself (u overwritten in place, each element read before it is written by the same program):
+# restore v between the configs autotuning tries.
+@autotune(CONFIGS, key=["H", "K", "V", "DELTA", "USE_G", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune},
+          restore=("v",))
 @triton.jit(do_not_specialize=["N_BUCKET"])
 def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, N_BUCKET, H: tl.constexpr,
                            K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
@@ -394,7 +397,8 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
         h0: `[N, H, K, V]` fp32 initial states, or None for zeros.
         layout: the varlen chunk layout.
         ht: where to write the fp32 final states `[N, H, K, V]`, or None.
-        v_new: (delta family) where to write v_new = u - W h `[1, T, H, V]`, or None.
+        v_new: (delta family) where to write v_new = u - W h `[1, T, H, V]`, or None; may be v itself (u is then
+            overwritten, which saves a buffer of v's size).
         rk: None, or `[1, T, H]` fp32: the keys are rk * k (`l2norm_rstd`).
 
     Returns:

@@ -36,13 +36,13 @@ def states_and_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torc
     """Forward: the output o `[1, T, H, V]` (in v.dtype) and the fp32 final states `[N, H, K, V]` (or None).
 
     q, k: `[1, T, H, K]`, normalised, or raw with their fp32 rstd rq, rk `[1, T, H]` (`l2norm_rstd`); v: the values
-    (gated family, w None) or u (delta family, with the WY keys w).
+    (gated family, w None) or u (delta family, with the WY keys w; overwritten by v_new = u - W h).
     """
     _, T, H, K = k.shape
     V = v.shape[-1]
     o = _empty(v.shape, v.dtype, v.device)
     ht = _empty((layout.num_segments, H, K, V), torch.float32, v.device) if output_final_state else None
-    v_new = _empty(v.shape, v.dtype, v.device) if w is not None else None
+    v_new = v if w is not None else None  # written over u, column by column
     for v0 in range(0, V, VALUE_SLICE):
         cols = slice(v0, v0 + VALUE_SLICE)
         h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, ht=_cols(ht, cols),
@@ -59,6 +59,8 @@ def state_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
                     rk: torch.Tensor | None = None) -> tuple[QKWGradients, torch.Tensor, torch.Tensor | None]:
     """Backward of `states_and_output`, recomputing each slice's states.
 
+    The delta family's u (v, with w) is overwritten by v_new, as in the forward.
+
     Returns the gradients of q, k (normalised, whether or not rq, rk are given), w and g_cum (`QKWGradients`),
     the whole gradient of v_new (delta family; of v for the gated family) `[1, T, H, V]`, and the fp32 gradient of h0
     (None when h0 is None).
@@ -69,7 +71,7 @@ def state_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
     # dv_local, made whole in place by the state pass
     dv = chunk_output_bwd_dv(q, k, g_cum, do, scale, layout, rq=rq, rk=rk)
     dh0 = None if h0 is None else _empty(h0.shape, torch.float32, h0.device)
-    v_new = _empty(v.shape, v.dtype, v.device) if w is not None else None
+    v_new = v if w is not None else None  # written over u, column by column
     for i, v0 in enumerate(range(0, V, VALUE_SLICE)):
         cols = slice(v0, v0 + VALUE_SLICE)
         h = chunk_state_fwd(k, v[..., cols], w, g_cum, _cols(h0, cols), layout, v_new=_cols(v_new, cols), rk=rk)
