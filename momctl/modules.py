@@ -102,3 +102,25 @@ def short_conv_varlen(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: t
     else:
         from .kernels.conv.naive import short_conv_varlen_ref as fn
     return fn(u_MC, weight_CW, cu_seqlens, cache_NWC, output_final_cache)
+
+
+def short_conv_varlen_bwd(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor,
+                          cache_NWC: torch.Tensor | None, d_y: torch.Tensor, d_new_cache: torch.Tensor | None,
+                          need_dcache: bool):
+    """The backward of `short_conv_varlen` for callers that keep their own inputs: the gradients of u, the filter and
+    the cache (None unless need_dcache), from those of y and of the new cache (or None). Our Triton kernel (opaque to
+    torch.compile) when `use_kernels` says so, autograd through the pure-PyTorch reference otherwise."""
+    if use_kernels(u_MC):
+        from .kernels.conv.short_conv import short_conv_varlen_bwd as fn
+
+        return fn(u_MC, weight_CW, cu_seqlens, cache_NWC, d_y, d_new_cache, need_dcache)
+    from .kernels.conv.naive import short_conv_varlen_ref
+
+    need_dcache = cache_NWC is not None and need_dcache
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (u_MC, weight_CW) + ((cache_NWC,) if need_dcache else ())]
+        y, new_cache = short_conv_varlen_ref(inputs[0], inputs[1], cu_seqlens, inputs[2] if need_dcache else cache_NWC,
+                                             d_new_cache is not None)
+        outputs, grads = ([y, new_cache], [d_y, d_new_cache]) if d_new_cache is not None else ([y], [d_y])
+        d_inputs = torch.autograd.grad(outputs, inputs, grads)
+    return d_inputs[0], d_inputs[1], d_inputs[2] if need_dcache else None

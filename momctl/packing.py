@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import use_kernels
-from .modules import short_conv_varlen
+from .modules import short_conv_varlen, short_conv_varlen_bwd
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def project_copies(x_ND: torch.Tensor, weight_SND: torch.Tensor, packing: Packin
 def convolve_copies(x_NC: torch.Tensor, weight_CW: torch.Tensor, packing: Packing, cache_NWC: torch.Tensor | None,
                     output_final_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`short_conv_varlen(x_NC[packing.token_of_copy_M], ...)` over the packing's segments, without keeping the copies
-    `[M, C]` for the backward: it gathers them again from the token rows and runs the conv once more (q is projected
-    once per token; at 32K tokens and A = 3 that keeps 128 MiB net out of the training step's peak)."""
+    `[M, C]` for the backward, which gathers them again from the token rows (q is projected once per token; at 32K
+    tokens and A = 3 that keeps 128 MiB net out of the training step's peak)."""
     cache = cache_NWC if cache_NWC is not None else x_NC.new_empty(0)
     y_MC, new_cache = _ConvolveCopies.apply(x_NC, weight_CW, cache, packing.token_of_copy_M, packing.copy_of_token_NA,
                                             packing.cu_seqlens, output_final_cache)
@@ -126,21 +126,11 @@ class _ConvolveCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_MC, d_cache):
         x_NC, weight_CW, cache, token_of_copy_M, copy_of_token_NA, cu_seqlens = ctx.saved_tensors
-        with torch.enable_grad():
-            x_MC = x_NC.detach().index_select(0, token_of_copy_M).requires_grad_()
-            weight = weight_CW.detach().requires_grad_()
-            cache = cache.detach().requires_grad_() if cache.numel() else None
-            y_MC, new_cache = short_conv_varlen(x_MC, weight, cu_seqlens, cache, ctx.output_final_cache)
-            outputs, grads = [y_MC], [d_MC]
-            if ctx.output_final_cache and d_cache is not None:
-                outputs.append(new_cache)
-                grads.append(d_cache)
-            inputs = [x_MC, weight] + ([] if cache is None else [cache])
-            d_inputs = torch.autograd.grad(outputs, inputs, grads)
-        sum_copies, _ = _copy_sums(d_inputs[0])
-        d_NC = sum_copies(d_inputs[0].contiguous(), copy_of_token_NA, None)
-        d_cache_in = d_inputs[2] if cache is not None else None
-        return d_NC, d_inputs[1], d_cache_in, None, None, None, None
+        d_x_MC, d_weight, d_cache_in = short_conv_varlen_bwd(
+            x_NC.index_select(0, token_of_copy_M), weight_CW, cu_seqlens, cache if cache.numel() else None, d_MC,
+            d_cache if ctx.output_final_cache else None, ctx.needs_input_grad[2])
+        sum_copies, _ = _copy_sums(d_x_MC)
+        return sum_copies(d_x_MC.contiguous(), copy_of_token_NA, None), d_weight, d_cache_in, None, None, None, None
 
 
 class _ProjectCopies(torch.autograd.Function):
@@ -179,6 +169,12 @@ def _pad_to_8(weight_SND: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight_SND, weight_SND.new_zeros(S, -N % 8, D)], dim=1)
 
 
+def _slot_of_rows(slot_ends_S: torch.Tensor, M: int, S: int) -> torch.Tensor:
+    """The slot of each of the M sorted rows (the reference products' row selection)."""
+    rows = torch.arange(M, device=slot_ends_S.device)
+    return torch.searchsorted(slot_ends_S.long(), rows, right=True).clamp(max=S - 1)
+
+
 def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor) -> torch.Tensor:
     """Rows `slot_ends[s-1] : slot_ends[s]` of x times slot s's weight `[N, D]`. Returns `[M, N]`.
 
@@ -191,8 +187,7 @@ def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: to
         if N % 8:
             return grouped_linear(x_MD, _pad_to_8(weight_SND), slot_ends_S)[:, :N]
         return torch._grouped_mm(x_MD.to(dtype), weight_SND.to(dtype).transpose(1, 2), offs=slot_ends_S)
-    rows = torch.arange(x_MD.shape[0], device=x_MD.device)
-    slot_M = torch.searchsorted(slot_ends_S.long(), rows, right=True).clamp(max=weight_SND.shape[0] - 1)
+    slot_M = _slot_of_rows(slot_ends_S, x_MD.shape[0], weight_SND.shape[0])
     y_MSN = torch.einsum("md,snd->msn", x_MD, weight_SND.to(x_MD.dtype))
     return y_MSN.gather(1, slot_M[:, None, None].expand(-1, 1, y_MSN.shape[-1]))[:, 0]
 
@@ -200,12 +195,15 @@ def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: to
 def grouped_linear_bwd(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor,
                        d_MN: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `grouped_linear` in x `[M, D]` and weight `[S, N, D]` (a slot without rows gets zeros), given
-    the forward's `_grouped_mm_dtype`: two grouped GEMMs in that dtype, or autograd through the reference product."""
+    the forward's `_grouped_mm_dtype`: two grouped GEMMs in that dtype, or the reference's products over every slot."""
     N = weight_SND.shape[1]
     if dtype is None:
-        with torch.enable_grad():
-            x, w = x_MD.detach().requires_grad_(), weight_SND.detach().requires_grad_()
-            return torch.autograd.grad(grouped_linear(x, w, slot_ends_S), (x, w), d_MN)
+        S = weight_SND.shape[0]
+        slot_M = _slot_of_rows(slot_ends_S, x_MD.shape[0], S)
+        one_hot_MS = torch.nn.functional.one_hot(slot_M, S).to(x_MD.dtype)
+        d_MSD = torch.einsum("mn,snd->msd", d_MN, weight_SND.to(x_MD.dtype))
+        d_MD = d_MSD.gather(1, slot_M[:, None, None].expand(-1, 1, d_MSD.shape[-1]))[:, 0]
+        return d_MD, torch.einsum("ms,mn,md->snd", one_hot_MS, d_MN, x_MD)
     if N % 8:
         d_MN = torch.cat([d_MN, d_MN.new_zeros(d_MN.shape[0], -N % 8)], dim=1)
         d_MD, d_SND = grouped_linear_bwd(x_MD, _pad_to_8(weight_SND), slot_ends_S, d_MN, dtype)

@@ -164,6 +164,27 @@ def test_convolve_copies_equals_the_conv_of_the_gathered_copies(top_k, with_cach
         assert rel_err(actual, expected) < (1e-12 if kernels == "reference" else 1e-5)
 
 
+def test_packed_layer_on_the_kernels_compiles_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) through the copy projection and conv functions and the kernels' custom ops
+    (interpreted; aot_eager: dynamo and AOT autograd, no code generation), forward and backward equal to eager."""
+    monkeypatch.setenv("MOMCTL_KERNELS", "triton")
+    mixer, x = layer_and_input(T=19, head_dim=16)
+    mixer, x = mixer.float(), x.float()
+    valid = torch.ones(x.shape[:2], dtype=torch.bool)
+
+    def loss(xi):
+        return mixer._forward_packed(xi, valid, None, False, *mixer.route(xi)).y_BTD.square().sum()
+
+    runs = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        mixer.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn(xi).backward()
+        runs.append([xi.grad] + [p.grad for p in mixer.parameters()])
+    for actual, expected in zip(runs[1], runs[0], strict=True):
+        assert rel_err(actual, expected) < 1e-5
+
+
 @pytest.mark.parametrize("N", [12, 13])
 def test_grouped_gemm_backward_equals_the_reference_backward(N):
     """The two-grouped-GEMM backward (the CUDA path, run here where this torch has a CPU `_grouped_mm`) against

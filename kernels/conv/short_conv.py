@@ -341,11 +341,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dnc):
     x, weight, cu_seqlens, cache = ctx.saved_tensors
-    need_dcache = cache is not None and ctx.needs_input_grad[3]
-    dnc = dnc.contiguous() if ctx.output_final_cache and dnc is not None else None
-    dx, dw, dcache = torch.ops.momctl.short_conv_varlen_bwd(x, weight, cu_seqlens, cache, dy.contiguous(), dnc,
-                                                            need_dcache)
-    return dx, dw, None, dcache if need_dcache else None, None
+    dnc = dnc if ctx.output_final_cache else None
+    dx, dw, dcache = short_conv_varlen_bwd(x, weight, cu_seqlens, cache, dy, dnc, ctx.needs_input_grad[3])
+    return dx, dw, None, dcache, None
 
 
 _short_conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -383,6 +381,27 @@ def short_conv_varlen(
     cache = None if cache is None else cache.contiguous()
     y, new_cache = torch.ops.momctl.short_conv_varlen(x, weight, cu_seqlens, cache, output_final_cache)
     return y, new_cache if output_final_cache else None
+
+
+def short_conv_varlen_bwd(
+    x: Tensor,
+    weight: Tensor,
+    cu_seqlens: Tensor,
+    cache: Tensor | None,
+    dy: Tensor,
+    d_new_cache: Tensor | None,
+    need_dcache: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The backward of `short_conv_varlen` (same x, weight, cu_seqlens, cache), for callers that keep their own
+    inputs: the gradients of x, weight and (when need_dcache and a cache is given, else None) the cache, from those of
+    y and of the new cache (None: zero). Opaque to torch.compile (custom op momctl::short_conv_varlen_bwd)."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    cache = None if cache is None else cache.contiguous()
+    need_dcache = cache is not None and need_dcache
+    d_new_cache = None if d_new_cache is None else d_new_cache.contiguous()
+    dx, dw, dcache = torch.ops.momctl.short_conv_varlen_bwd(x, weight.contiguous(), cu_seqlens.contiguous(), cache,
+                                                            dy.contiguous(), d_new_cache, need_dcache)
+    return dx, dw, dcache if need_dcache else None
 
 
 def _check_inputs(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor | None) -> None:
