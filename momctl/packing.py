@@ -129,8 +129,7 @@ class _ConvolveCopies(torch.autograd.Function):
         d_x_MC, d_weight, d_cache_in = short_conv_varlen_bwd(
             x_NC.index_select(0, token_of_copy_M), weight_CW, cu_seqlens, cache if cache.numel() else None, d_MC,
             d_cache if ctx.output_final_cache else None, ctx.needs_input_grad[2])
-        sum_copies, _ = _copy_sums(d_x_MC)
-        return sum_copies(d_x_MC.contiguous(), copy_of_token_NA, None), d_weight, d_cache_in, None, None, None, None
+        return _sum_copy_grads(d_x_MC, copy_of_token_NA), d_weight, d_cache_in, None, None, None, None
 
 
 class _ProjectCopies(torch.autograd.Function):
@@ -146,9 +145,13 @@ class _ProjectCopies(torch.autograd.Function):
         x_MD = _gather_rows(x_ND, token_of_copy_M, ctx.dtype)
         d_MD, d_SND = grouped_linear_bwd(x_MD, weight_SND, slot_ends_S, d_MN.contiguous(), ctx.dtype)
         del x_MD
-        sum_copies, _ = _copy_sums(d_MD)
-        d_ND = sum_copies(d_MD.contiguous(), copy_of_token_NA, None)
-        return d_ND.to(x_ND.dtype), d_SND.to(weight_SND.dtype), None, None, None
+        return _sum_copy_grads(d_MD, copy_of_token_NA).to(x_ND.dtype), d_SND.to(weight_SND.dtype), None, None, None
+
+
+def _sum_copy_grads(d_MC: torch.Tensor, copy_of_token_NA: torch.Tensor) -> torch.Tensor:
+    """The gradient of gathered token rows: each token's A copy gradients summed (no atomics: exactly A copies)."""
+    sum_copies, _ = _copy_sums(d_MC)
+    return sum_copies(d_MC.contiguous(), copy_of_token_NA, None)
 
 
 def _gather_rows(x_ND: torch.Tensor, rows_M: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -175,6 +178,11 @@ def _slot_of_rows(slot_ends_S: torch.Tensor, M: int, S: int) -> torch.Tensor:
     return torch.searchsorted(slot_ends_S.long(), rows, right=True).clamp(max=S - 1)
 
 
+def _own_slot(y_MSX: torch.Tensor, slot_M: torch.Tensor) -> torch.Tensor:
+    """Row m of slot `slot_M[m]` from every slot's product `[M, S, X]`. Returns `[M, X]`."""
+    return y_MSX.gather(1, slot_M[:, None, None].expand(-1, 1, y_MSX.shape[-1]))[:, 0]
+
+
 def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor) -> torch.Tensor:
     """Rows `slot_ends[s-1] : slot_ends[s]` of x times slot s's weight `[N, D]`. Returns `[M, N]`.
 
@@ -188,8 +196,7 @@ def grouped_linear(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: to
             return grouped_linear(x_MD, _pad_to_8(weight_SND), slot_ends_S)[:, :N]
         return torch._grouped_mm(x_MD.to(dtype), weight_SND.to(dtype).transpose(1, 2), offs=slot_ends_S)
     slot_M = _slot_of_rows(slot_ends_S, x_MD.shape[0], weight_SND.shape[0])
-    y_MSN = torch.einsum("md,snd->msn", x_MD, weight_SND.to(x_MD.dtype))
-    return y_MSN.gather(1, slot_M[:, None, None].expand(-1, 1, y_MSN.shape[-1]))[:, 0]
+    return _own_slot(torch.einsum("md,snd->msn", x_MD, weight_SND.to(x_MD.dtype)), slot_M)
 
 
 def grouped_linear_bwd(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S: torch.Tensor,
@@ -201,8 +208,7 @@ def grouped_linear_bwd(x_MD: torch.Tensor, weight_SND: torch.Tensor, slot_ends_S
         S = weight_SND.shape[0]
         slot_M = _slot_of_rows(slot_ends_S, x_MD.shape[0], S)
         one_hot_MS = torch.nn.functional.one_hot(slot_M, S).to(x_MD.dtype)
-        d_MSD = torch.einsum("mn,snd->msd", d_MN, weight_SND.to(x_MD.dtype))
-        d_MD = d_MSD.gather(1, slot_M[:, None, None].expand(-1, 1, d_MSD.shape[-1]))[:, 0]
+        d_MD = _own_slot(torch.einsum("mn,snd->msd", d_MN, weight_SND.to(x_MD.dtype)), slot_M)
         return d_MD, torch.einsum("ms,mn,md->snd", one_hot_MS, d_MN, x_MD)
     if N % 8:
         d_MN = torch.cat([d_MN, d_MN.new_zeros(d_MN.shape[0], -N % 8)], dim=1)
