@@ -29,6 +29,18 @@ def test_every_mode_on_cuda(modes):
         assert all(sum(c["profile"]["time_fractions"].values()) == pytest.approx(1) for c in doc["results"])
 
 
+def test_the_reference_decodes_eagerly_beside_our_compiled_step():
+    doc = run_bench(settings(modes="decode", models="mom,reference", seq_lens="64", backend="compile"),
+                    get_preset("tiny"), "preset tiny")
+    check_document(doc)
+    mom, reference = doc["results"]
+    assert mom["status"] == "ok" and mom["reason"] is None
+    if reference["status"] == "ok":  # FLA installed: timed, and the cell says with which backend
+        assert reference["reason"] == "the reference decodes eagerly only: eager backend"
+    else:
+        assert reference["status"] == "skipped" and "flash-linear-attention" in reference["reason"]
+
+
 def test_real_out_of_memory_is_a_cell_and_the_sweep_goes_on():
     # 256 x 1M tokens of width 64 in fp32 is 64 GiB per activation: more than any GPU here holds several times over.
     doc = run_bench(settings(modes="prefill", models="transformer", seq_lens="1048576,64", batch_sizes="256",

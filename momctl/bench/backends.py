@@ -8,8 +8,8 @@
   its state is handed to the bundle's layout. The bundle is deleted with the step.
 
 At layer scope (`--layer --mode decode`) the step is one layer's (bench/layer_decode.py) on random activations:
-eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only (their
-cells are skipped by run.py).
+eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only: under
+another backend run.py times them with `eager` and says so in the cell's `reason`.
 """
 
 from __future__ import annotations
