@@ -228,19 +228,20 @@ def test_a_bundle_that_does_not_match_its_manifest_is_refused(bundle_dir, tmp_pa
                                  tmp_path / "s"), "--save-state")
 
 
+def _onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
 def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path):
     model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
     export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
     errors = fed_back_errors(model, OnnxBundle(tmp_path / "b", device="cuda"))
     assert max(errors) < 2e-2, errors
-
-
-def _onnxruntime_has_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.mark.gpu
@@ -283,6 +284,7 @@ def test_cuda_graph_steppers_match_the_plain_cuda_session(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
 def test_fp16_cuda_bundle_writes_the_eager_greedy_text_of_a_trained_model(run_dir, tmp_path):
     """fp16 graph with fp32 state on the CUDA provider: the same greedy tokens as the eager fp32 step on the GPU
     over 64 tokens."""
