@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .chunk_state import value_row_width
-from .launch import autotune, fp32_dot_options
+from .launch import autotune
 from .varlen import ChunkLayout
 
 # (4, 1): fp32 inputs at K = 256 need more shared memory than an H100 has when pipelined.
@@ -278,8 +278,7 @@ def chunk_output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: t
     if layout.max_chunks:
         chunk_output_fwd_kernel[(layout.max_chunks * H,)](
             q, k, rq, rk, v_new, h, g_cum, o, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V, VF=VF,
-            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None,
-            **fp32_dot_options(k.dtype))
+            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None)
 
 
 def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | None, do: torch.Tensor,
@@ -294,8 +293,7 @@ def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | 
     if layout.max_chunks:
         chunk_output_bwd_kernel_dv[(layout.max_chunks * H,)](
             q, k, rq, rk, g_cum, do, dv, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V,
-            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None,
-            **fp32_dot_options(k.dtype))
+            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None)
     return dv
 
 
@@ -345,4 +343,4 @@ def chunk_output_bwd_dqkwg(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor
             layout.cu_seqlens, layout.chunk_indices, scale, layout.max_chunks, H=H, K=K, V=V, VF=VF,
             BT=layout.chunk_size, BK=BK, BV=BV, DELTA=dv is not None, USE_G=g_cum is not None, NORM=rk is not None,
             ACCUMULATE=accumulate, HDH_ROWS=rows,
-            BR=triton.next_power_of_2(rows), **fp32_dot_options(k.dtype))
+            BR=triton.next_power_of_2(rows))

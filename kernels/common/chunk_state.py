@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune, fp32_dot_options
+from .launch import autotune
 from .varlen import ChunkLayout
 
 # The single-stage configs are for fp32 inputs at K = 256, where the pipelined ones need more shared memory than an
@@ -413,7 +413,7 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
         k, rk, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, _segment_bucket(N), H=H, K=K,
         V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None,
         USE_G=g_cum is not None, NORM=rk is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        STORE_V_NEW=w is not None and v_new is not None, **fp32_dot_options(k.dtype))
+        STORE_V_NEW=w is not None and v_new is not None)
     return h
 
 
@@ -457,8 +457,7 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
         q, k, rq, rk, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets,
         _segment_bucket(N), scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS,
         NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None, NORM=rk is not None,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None,
-        **fp32_dot_options(k.dtype))
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None)
     return dh, hdh
 
 

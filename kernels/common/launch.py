@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 
 # Every chunkwise kernel cuts time into chunks of this many positions.
 CHUNK_SIZE = 64
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def fp32_dot_options(dtype: torch.dtype) -> dict[str, str]:
-    """Launch options for kernels whose dots take fp32 operands. With fp32 inputs they multiply in full fp32
-    ("ieee") unless PyTorch allows TF32 matmuls (`torch.backends.cuda.matmul.allow_tf32`, off by default), as
-    torch's own fp32 matmuls do; with bf16/fp16 inputs the fp32 operands the kernels form stay TF32 (Triton's
-    default), which their error bounds already allow."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return {"default_dot_input_precision": "ieee"}
-    return {}
 
 
 def autotune(configs: list[triton.Config], key: list[str], restore: tuple[str, ...] = (), **kwargs):
