@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_state import value_row_width
-from .launch import autotune
+from .chunk_state import dot, value_row_width
+from .launch import autotune, dot_precision
 from .varlen import ChunkLayout
 
 # (4, 1): fp32 inputs at K = 256 need more shared memory than an H100 has when pipelined.
@@ -35,7 +35,7 @@ CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8,
 @triton.jit
 def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices, scale, H: tl.constexpr,
                             K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr):
+                            BV: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr, DOT: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -57,7 +57,7 @@ def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices,
         m_k = o_k < K
         b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_kt = tl.load(k + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_A += tl.dot(b_q, b_kt)  # [BT, BT]
+        b_A += dot(b_q, b_kt, DOT)  # [BT, BT]
     m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_gq = tl.full([BT], scale, tl.float32)  # the row scale of Q h
     if USE_G:
@@ -82,11 +82,11 @@ def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices,
             m_k = o_k < K
             b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
             b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-            b_o += tl.dot(b_q, b_h)  # [BT, BV]
+            b_o += dot(b_q, b_h, DOT)  # [BT, BV]
         b_o *= b_gq[:, None]
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = o_t[:, None] * (H * VF) + o_v[None, :]
-        b_o += tl.dot(b_A, tl.load(v + p_v, mask=m_tv, other=0.0))
+        b_o += dot(b_A, tl.load(v + p_v, mask=m_tv, other=0.0), DOT)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -94,7 +94,7 @@ def chunk_output_fwd_kernel(q, k, rq, rk, v, h, g, o, cu_seqlens, chunk_indices,
 @triton.jit
 def chunk_output_bwd_kernel_dv(q, k, rq, rk, g, do, dv, cu_seqlens, chunk_indices, scale, H: tl.constexpr,
                                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                               BV: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr):
+                               BV: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr, DOT: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -116,7 +116,7 @@ def chunk_output_bwd_kernel_dv(q, k, rq, rk, g, do, dv, cu_seqlens, chunk_indice
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_qt = tl.load(q + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_At += tl.dot(b_k, b_qt)  # [BT, BT]
+        b_At += dot(b_k, b_qt, DOT)  # [BT, BT]
     m_At = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
         b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
@@ -132,7 +132,7 @@ def chunk_output_bwd_kernel_dv(q, k, rq, rk, g, do, dv, cu_seqlens, chunk_indice
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_v = o_t[:, None] * (H * V) + o_v[None, :]
-        b_dv = tl.dot(b_At, tl.load(do + p_v, mask=m_tv, other=0.0))  # [BT, BV]
+        b_dv = dot(b_At, tl.load(do + p_v, mask=m_tv, other=0.0), DOT)  # [BT, BV]
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
@@ -143,7 +143,7 @@ def chunk_output_bwd_kernel_dqkwg(q, k, rq, rk, v, h, dh, hdh, g, do, dv, dq, dk
                                   scale, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr,
                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
                                   USE_G: tl.constexpr, NORM: tl.constexpr, ACCUMULATE: tl.constexpr,
-                                  HDH_ROWS: tl.constexpr, BR: tl.constexpr):
+                                  HDH_ROWS: tl.constexpr, BR: tl.constexpr, DOT: tl.constexpr):
     i_j, i_h = tl.program_id(0) // H, tl.program_id(0) % H
     i_n = tl.load(chunk_indices + i_j * 2)
     if i_n < 0:
@@ -175,8 +175,8 @@ def chunk_output_bwd_kernel_dqkwg(q, k, rq, rk, v, h, dh, hdh, g, do, dv, dq, dk
         p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0)  # [BT, BV]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_ds += tl.dot(b_do, tl.trans(b_v))
-        b_dst += tl.dot(b_v, tl.trans(b_do))
+        b_ds += dot(b_do, tl.trans(b_v), DOT)
+        b_dst += dot(b_v, tl.trans(b_do), DOT)
     m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     m_At = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
@@ -216,10 +216,10 @@ def chunk_output_bwd_kernel_dqkwg(q, k, rq, rk, v, h, dh, hdh, g, do, dv, dq, dk
             p_s = o_v[:, None] + o_k[None, :] * V
             b_ht = tl.load(h + p_s, mask=m_s, other=0.0)  # [BV, BK]
             b_dht = tl.load(dh + p_s, mask=m_s, other=0.0)
-            b_dq += tl.dot(tl.load(do + p_v, mask=m_tv, other=0.0), b_ht)  # [BT, BK]
-            b_dk += tl.dot(tl.load(v + p_v, mask=m_tv, other=0.0), b_dht)
+            b_dq += dot(tl.load(do + p_v, mask=m_tv, other=0.0), b_ht, DOT)  # [BT, BK]
+            b_dk += dot(tl.load(v + p_v, mask=m_tv, other=0.0), b_dht, DOT)
             if DELTA:
-                b_dw += tl.dot(tl.load(dv + p_v, mask=m_tv, other=0.0), b_ht)
+                b_dw += dot(tl.load(dv + p_v, mask=m_tv, other=0.0), b_ht, DOT)
         m_tk = m_t[:, None] & m_k[None, :]
         p_k = o_t[:, None] * (H * K) + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0)  # [BT, BK]
@@ -235,8 +235,8 @@ def chunk_output_bwd_kernel_dqkwg(q, k, rq, rk, v, h, dh, hdh, g, do, dv, dq, dk
             b_dG_last = tl.sum(b_dk * b_kf)
         else:
             b_dq *= scale
-        b_dq += tl.dot(b_ds, b_k)
-        b_dk += tl.dot(b_dst, b_q)
+        b_dq += dot(b_ds, b_k, DOT)
+        b_dk += dot(b_dst, b_q, DOT)
         if USE_G:
             b_dG += tl.sum(b_dq * b_qf, 1) - tl.sum(b_dk * b_kf, 1)
             b_dG += tl.where(o_t == t_last, b_dG_last, 0.0)
@@ -278,7 +278,8 @@ def chunk_output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, h: t
     if layout.max_chunks:
         chunk_output_fwd_kernel[(layout.max_chunks * H,)](
             q, k, rq, rk, v_new, h, g_cum, o, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V, VF=VF,
-            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None)
+            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None,
+            DOT=dot_precision(q.dtype))
 
 
 def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | None, do: torch.Tensor,
@@ -293,7 +294,8 @@ def chunk_output_bwd_dv(q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor | 
     if layout.max_chunks:
         chunk_output_bwd_kernel_dv[(layout.max_chunks * H,)](
             q, k, rq, rk, g_cum, do, dv, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, V=V,
-            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None)
+            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g_cum is not None, NORM=rk is not None,
+            DOT=dot_precision(q.dtype))
     return dv
 
 
@@ -343,4 +345,4 @@ def chunk_output_bwd_dqkwg(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor
             layout.cu_seqlens, layout.chunk_indices, scale, layout.max_chunks, H=H, K=K, V=V, VF=VF,
             BT=layout.chunk_size, BK=BK, BV=BV, DELTA=dv is not None, USE_G=g_cum is not None, NORM=rk is not None,
             ACCUMULATE=accumulate, HDH_ROWS=rows,
-            BR=triton.next_power_of_2(rows))
+            BR=triton.next_power_of_2(rows), DOT=dot_precision(q.dtype))

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune
+from .launch import autotune, dot_precision
 from .varlen import ChunkLayout
 
 # The single-stage configs are for fp32 inputs at K = 256, where the pipelined ones need more shared memory than an
@@ -29,6 +29,12 @@ CONFIGS = [
 MAX_K = 256
 
 
+@triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    """a @ b accumulated in fp32, with DOT as the input precision (`launch.dot_precision`)."""
+    return tl.dot(a, b, input_precision=DOT)
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop value blocks much wider than V (they only add masked lanes)."""
     V = named_args["V"] if "V" in named_args else kwargs["V"]
@@ -37,10 +43,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    """`_prune`, and no 64-wide value blocks at K > 128: the backward then needs 254 KB of shared memory (bf16), more
-    than a Hopper GPU has (227 KB)."""
+    """`_prune`, and at K > 128 neither 64-wide value blocks nor three pipeline stages: the backward then needs 254 KB
+    and 233 KB of shared memory (bf16; measured on an H100), more than a Hopper GPU has (227 KB)."""
     K = named_args["K"] if "K" in named_args else kwargs["K"]
-    keep = [c for c in _prune(configs, named_args, **kwargs) if K <= 128 or c.kwargs["BV"] <= 32]
+    keep = [c for c in _prune(configs, named_args, **kwargs)
+            if K <= 128 or (c.kwargs["BV"] <= 32 and c.num_stages <= 2)]
     return keep or configs[:1]
 
 
@@ -81,7 +88,8 @@ def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_o
                            K: tl.constexpr, V: tl.constexpr, VF: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
                            NKS: tl.constexpr,
                            BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr, NORM: tl.constexpr,
-                           USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr):
+                           USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_V_NEW: tl.constexpr,
+                           DOT: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -147,13 +155,13 @@ def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_o
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         if DELTA:
             # v_new = u - W h
-            b_v -= tl.dot(_rows(w, o_t, m_t, 0, H, K, BKS), b_h1.to(w.dtype.element_ty))
+            b_v -= dot(_rows(w, o_t, m_t, 0, H, K, BKS), b_h1.to(w.dtype.element_ty), DOT)
             if NKS > 1:
-                b_v -= tl.dot(_rows(w, o_t, m_t, 1, H, K, BKS), b_h2.to(w.dtype.element_ty))
+                b_v -= dot(_rows(w, o_t, m_t, 1, H, K, BKS), b_h2.to(w.dtype.element_ty), DOT)
             if NKS > 2:
-                b_v -= tl.dot(_rows(w, o_t, m_t, 2, H, K, BKS), b_h3.to(w.dtype.element_ty))
+                b_v -= dot(_rows(w, o_t, m_t, 2, H, K, BKS), b_h3.to(w.dtype.element_ty), DOT)
             if NKS > 3:
-                b_v -= tl.dot(_rows(w, o_t, m_t, 3, H, K, BKS), b_h4.to(w.dtype.element_ty))
+                b_v -= dot(_rows(w, o_t, m_t, 3, H, K, BKS), b_h4.to(w.dtype.element_ty), DOT)
             if STORE_V_NEW:
                 tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         if USE_G:
@@ -172,13 +180,13 @@ def chunk_state_fwd_kernel(k, rk, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_o
             b_v *= tl.load(rk + o_t * H, mask=m_t, other=0.0)[:, None]
         b_v = b_v.to(k.dtype.element_ty)
         # h += K^T v_new (v_new already carries e^{G_L - G})
-        b_h1 += tl.dot(_cols(k, o_t, m_t, 0, H, K, BKS), b_v)
+        b_h1 += dot(_cols(k, o_t, m_t, 0, H, K, BKS), b_v, DOT)
         if NKS > 1:
-            b_h2 += tl.dot(_cols(k, o_t, m_t, 1, H, K, BKS), b_v)
+            b_h2 += dot(_cols(k, o_t, m_t, 1, H, K, BKS), b_v, DOT)
         if NKS > 2:
-            b_h3 += tl.dot(_cols(k, o_t, m_t, 2, H, K, BKS), b_v)
+            b_h3 += dot(_cols(k, o_t, m_t, 2, H, K, BKS), b_v, DOT)
         if NKS > 3:
-            b_h4 += tl.dot(_cols(k, o_t, m_t, 3, H, K, BKS), b_v)
+            b_h4 += dot(_cols(k, o_t, m_t, 3, H, K, BKS), b_v, DOT)
 
     if STORE_HT:
         p_ht = ht + i_nh.to(tl.int64) * K * VF
@@ -202,7 +210,7 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
                            BKS: tl.constexpr,
                            NKS: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr, USE_G: tl.constexpr,
                            NORM: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                           STORE_HDH: tl.constexpr):
+                           STORE_HDH: tl.constexpr, DOT: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -285,13 +293,13 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
                                                        o_s2, o_s3, o_s4, m_s1, m_s2, m_s3, m_s4)
 
         # dv = dv_local + (K * e^{G_L - G}) dh'
-        b_dv = tl.dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty))  # [BT, BV]
+        b_dv = dot(_rows(k, o_t, m_t, 0, H, K, BKS), b_dh1.to(k.dtype.element_ty), DOT)  # [BT, BV]
         if NKS > 1:
-            b_dv += tl.dot(_rows(k, o_t, m_t, 1, H, K, BKS), b_dh2.to(k.dtype.element_ty))
+            b_dv += dot(_rows(k, o_t, m_t, 1, H, K, BKS), b_dh2.to(k.dtype.element_ty), DOT)
         if NKS > 2:
-            b_dv += tl.dot(_rows(k, o_t, m_t, 2, H, K, BKS), b_dh3.to(k.dtype.element_ty))
+            b_dv += dot(_rows(k, o_t, m_t, 2, H, K, BKS), b_dh3.to(k.dtype.element_ty), DOT)
         if NKS > 3:
-            b_dv += tl.dot(_rows(k, o_t, m_t, 3, H, K, BKS), b_dh4.to(k.dtype.element_ty))
+            b_dv += dot(_rows(k, o_t, m_t, 3, H, K, BKS), b_dh4.to(k.dtype.element_ty), DOT)
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = o_t[:, None] * (H * VF) + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
@@ -319,21 +327,21 @@ def chunk_state_bwd_kernel(q, k, rq, rk, w, g, do, dv_local, dv, dh, dht, dh0, h
         # dh = e^{G_L} dh' + (Q * e^{G} * scale)^T dO - [DELTA] W^T dv
         b_do = b_do.to(q.dtype.element_ty)
         b_dv = b_dv.to(q.dtype.element_ty)
-        b_dh1 += tl.dot(_cols(q, o_t, m_t, 0, H, K, BKS), b_do)
+        b_dh1 += dot(_cols(q, o_t, m_t, 0, H, K, BKS), b_do, DOT)
         if DELTA:
-            b_dh1 -= tl.dot(_cols(w, o_t, m_t, 0, H, K, BKS), b_dv)
+            b_dh1 -= dot(_cols(w, o_t, m_t, 0, H, K, BKS), b_dv, DOT)
         if NKS > 1:
-            b_dh2 += tl.dot(_cols(q, o_t, m_t, 1, H, K, BKS), b_do)
+            b_dh2 += dot(_cols(q, o_t, m_t, 1, H, K, BKS), b_do, DOT)
             if DELTA:
-                b_dh2 -= tl.dot(_cols(w, o_t, m_t, 1, H, K, BKS), b_dv)
+                b_dh2 -= dot(_cols(w, o_t, m_t, 1, H, K, BKS), b_dv, DOT)
         if NKS > 2:
-            b_dh3 += tl.dot(_cols(q, o_t, m_t, 2, H, K, BKS), b_do)
+            b_dh3 += dot(_cols(q, o_t, m_t, 2, H, K, BKS), b_do, DOT)
             if DELTA:
-                b_dh3 -= tl.dot(_cols(w, o_t, m_t, 2, H, K, BKS), b_dv)
+                b_dh3 -= dot(_cols(w, o_t, m_t, 2, H, K, BKS), b_dv, DOT)
         if NKS > 3:
-            b_dh4 += tl.dot(_cols(q, o_t, m_t, 3, H, K, BKS), b_do)
+            b_dh4 += dot(_cols(q, o_t, m_t, 3, H, K, BKS), b_do, DOT)
             if DELTA:
-                b_dh4 -= tl.dot(_cols(w, o_t, m_t, 3, H, K, BKS), b_dv)
+                b_dh4 -= dot(_cols(w, o_t, m_t, 3, H, K, BKS), b_dv, DOT)
 
     if STORE_DH0:
         p_dh0 = dh0 + i_nh.to(tl.int64) * K * VF
@@ -413,7 +421,8 @@ def chunk_state_fwd(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, g_
         k, rk, v, w, g_cum, h, v_new, h0, ht, layout.cu_seqlens, layout.chunk_offsets, _segment_bucket(N), H=H, K=K,
         V=V, VF=VF, BT=layout.chunk_size, BKS=BKS, NKS=triton.cdiv(K, BKS), DELTA=w is not None,
         USE_G=g_cum is not None, NORM=rk is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        STORE_V_NEW=w is not None and v_new is not None)
+        STORE_V_NEW=w is not None and v_new is not None,
+        DOT=dot_precision(k.dtype))
     return h
 
 
@@ -457,7 +466,8 @@ def chunk_state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, g_
         q, k, rq, rk, w, g_cum, do, dv_local, dv, dh, dht, dh0, h, hdh, layout.cu_seqlens, layout.chunk_offsets,
         _segment_bucket(N), scale, layout.max_chunks, H=H, K=K, V=V, VF=VF, BT=layout.chunk_size, BKS=BKS,
         NKS=triton.cdiv(K, BKS), DELTA=w is not None, USE_G=g_cum is not None, NORM=rk is not None,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None)
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_HDH=hdh is not None,
+        DOT=dot_precision(k.dtype))
     return dh, hdh
 
 

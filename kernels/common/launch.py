@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 # Every chunkwise kernel cuts time into chunks of this many positions.
 CHUNK_SIZE = 64
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for kernels whose inputs are of this dtype, passed as the constexpr DOT: full fp32
+    ("ieee") for fp32 inputs unless PyTorch allows TF32 matmuls (`torch.backends.cuda.matmul.allow_tf32`, off by
+    default), as torch's own fp32 matmuls do; else "tf32" (Triton's default; bf16/fp16 operands ignore it). It must
+    be given at each dot: Triton 3.6 ignores the `default_dot_input_precision` launch option on the GPU."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def autotune(configs: list[triton.Config], key: list[str], restore: tuple[str, ...] = (), **kwargs):

@@ -7,12 +7,17 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def assert_close(actual, expected, rtol, floor=1e-8):
-    """Relative RMS error ||a - b|| / max(||b||, floor) <= rtol; NaN fails."""
+def relative_error(actual, expected, floor=1e-8):
+    """Relative RMS error ||a - b|| / max(||b||, floor); NaN fails."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert not actual.isnan().any() and not expected.isnan().any(), "NaN"
     a, b = actual.double(), expected.double()
-    err = ((a - b).norm() / max(b.norm().item(), floor)).item()
+    return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
+
+def assert_close(actual, expected, rtol, floor=1e-8):
+    """Relative RMS error <= rtol; NaN fails."""
+    err = relative_error(actual, expected, floor)
     assert err <= rtol, f"relative RMS error {err:.3e} > {rtol:.1e}"
 
 
@@ -76,12 +81,14 @@ def rule_outputs_and_grads(fn, inputs, cu):
     return [o, s, *torch.autograd.grad((o.float() * grad_o.float()).sum() + (s * grad_s).sum(), leaves)]
 
 
-def assert_all_close(actual, expected, inputs, rtol):
-    """assert_close on o, state and each gradient of `rule_outputs_and_grads`, naming the tensor that fails."""
+def rule_errors(actual, expected, inputs):
+    """{name: relative_error} for o, state and each gradient of `rule_outputs_and_grads`."""
     names = ["o", "state"] + [n for n, x in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], inputs, strict=True)
                               if x is not None]
-    for name, a, e in zip(names, actual, expected, strict=True):
-        try:
-            assert_close(a, e.to(a.dtype), rtol)
-        except AssertionError as error:
-            raise AssertionError(f"{name}: {error}") from None
+    return {name: relative_error(a, e.to(a.dtype)) for name, a, e in zip(names, actual, expected, strict=True)}
+
+
+def assert_all_close(actual, expected, inputs, rtol):
+    """Every error of `rule_errors` <= rtol, naming the tensors that fail."""
+    failed = {name: f"{err:.3e}" for name, err in rule_errors(actual, expected, inputs).items() if err > rtol}
+    assert not failed, f"relative RMS error > {rtol:.1e}: {failed}"
