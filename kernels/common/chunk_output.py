@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_state import dot, value_row_width
-from .launch import autotune, dot_precision
+from .chunk_state import value_row_width
+from .launch import autotune, dot, dot_precision
 from .varlen import ChunkLayout
 
 # (4, 1): fp32 inputs at K = 256 need more shared memory than an H100 has when pipelined.

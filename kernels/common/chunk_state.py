@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune, dot_precision
+from .launch import autotune, dot, dot_precision
 from .varlen import ChunkLayout
 
 # The single-stage configs are for fp32 inputs at K = 256, where the pipelined ones need more shared memory than an
@@ -27,12 +27,6 @@ CONFIGS = [
     for bv, w, s in [(32, 4, 2), (64, 4, 2), (32, 2, 3), (32, 4, 1), (16, 4, 1)]
 ]
 MAX_K = 256
-
-
-@triton.jit
-def dot(a, b, DOT: tl.constexpr):
-    """a @ b accumulated in fp32, with DOT as the input precision (`launch.dot_precision`)."""
-    return tl.dot(a, b, input_precision=DOT)
 
 
 def _prune(configs, named_args, **kwargs):

@@ -1,4 +1,4 @@
-"""Launch settings shared by the Triton kernels: the chunk length, and autotuning that also runs interpreted."""
+"""Launch settings shared by the Triton kernels: chunk length, dot precision, autotuning that also runs interpreted."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Every chunkwise kernel cuts time into chunks of this many positions.
 CHUNK_SIZE = 64
@@ -19,6 +20,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     default), as torch's own fp32 matmuls do; else "tf32" (Triton's default; bf16/fp16 operands ignore it). It must
     be given at each dot: Triton 3.6 ignores the `default_dot_input_precision` launch option on the GPU."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+@triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    """a @ b accumulated in fp32, with DOT (`dot_precision`) as the input precision."""
+    return tl.dot(a, b, input_precision=DOT)
 
 
 def autotune(configs: list[triton.Config], key: list[str], restore: tuple[str, ...] = (), **kwargs):
