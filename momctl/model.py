@@ -88,6 +88,7 @@ class MoMForCausalLM(nn.Module):
         targets: torch.Tensor | None = None,
         state: InferenceState | None = None,
         return_state: bool = False,
+        last_logits_only: bool = False,
     ) -> CausalLMOutput:
         """Run the model over `input_ids [B, T]`.
 
@@ -98,6 +99,8 @@ class MoMForCausalLM(nn.Module):
             targets: next-token ids `[B, T]` (-100 = ignore); gives `loss` (+ the aux loss in training mode).
             state: continue from this state (None = start of the sequences).
             return_state: also return the state after these tokens.
+            last_logits_only: logits of the last position only (`[B, 1, W]`): what a prompt's prefill needs, without
+                the `[B, T, W]` tensor (the largest activation of inference); not with `targets`.
         """
         c = self.config
         B, T = input_ids.shape
@@ -122,6 +125,10 @@ class MoMForCausalLM(nn.Module):
             new_layers.append(layer_state)
             x_BTD = x_BTD + y_BTD
             x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+        if last_logits_only:
+            if targets is not None:
+                raise ValueError("last_logits_only=True computes no loss: pass targets=None")
+            x_BTD = x_BTD[:, -1:]
         logits_BTW = F.linear(self.model.norm(x_BTD), self.output_weight.to(x_BTD.dtype))
 
         loss = ce_loss = aux_loss = None
@@ -140,11 +147,14 @@ class MoMForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, state: InferenceState | StepState | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, InferenceState]:
-        """Consume any number of tokens `[B, T]`, continuing from `state`. Returns logits `[B, T, W]` and the state."""
+                attention_mask: torch.Tensor | None = None,
+                last_logits_only: bool = False) -> tuple[torch.Tensor, InferenceState]:
+        """Consume any number of tokens `[B, T]`, continuing from `state`. Returns logits `[B, T, W]` (`[B, 1, W]`
+        with `last_logits_only`) and the state."""
         if isinstance(state, StepState):
             state = state.to_inference()
-        out = self(input_ids, attention_mask=attention_mask, state=state, return_state=True)
+        out = self(input_ids, attention_mask=attention_mask, state=state, return_state=True,
+                   last_logits_only=last_logits_only)
         return out.logits, out.state
 
     @torch.no_grad()

@@ -26,6 +26,9 @@ def test_prefill_then_step_equals_forward_at_every_position(family):
     for t in (1, 5, 23):
         logits, state = model.prefill(ids[:, :t])
         assert rel_err(logits, full[:, :t]) < 1e-10
+        last, last_state = model.prefill(ids[:, :t], last_logits_only=True)  # what generation's prefill asks for
+        assert last.shape == (2, 1, full.shape[-1]) and rel_err(last, full[:, t - 1:t]) < 1e-10
+        assert torch.equal(last_state.positions, state.positions)
         for s in range(t, 24):
             step_logits, state = model.step(ids[:, s], state)
             assert rel_err(step_logits, full[:, s]) < 1e-10, (t, s)

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from momctl.generation import SamplingConfig, sample_next
+from momctl import generation
+from momctl.generation import SamplingConfig, load_for_inference, sample_next
+from momctl.generation import generate as generate_text
 from momctl.run_config import build_run_config
 from momctl.training import train
 
@@ -50,6 +52,15 @@ def test_batched_greedy_equals_each_prompt_alone(run_dir):
     alone = [generate(run_dir, "--temperature", "0", "--prompt", p).stdout.strip() for p in ("Entry 3", "E")]
     batch = generate(run_dir, "--temperature", "0", "--prompt", "Entry 3", "--prompt", "E").stdout
     assert alone[0] in batch and alone[1] in batch
+
+
+def test_prompts_longer_than_a_prefill_chunk_continue_exactly(run_dir, monkeypatch):
+    """Prompts of different lengths (left-padded) prefilled in 3-token chunks generate what one-chunk prefill does."""
+    loaded = load_for_inference(run_dir, torch.device("cpu"))
+    prompts, sampling = ["Entry 123: routers", "Entry 9"], SamplingConfig(max_new_tokens=12, temperature=0)
+    whole = generate_text(loaded, prompts, sampling).texts
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 3)
+    assert generate_text(loaded, prompts, sampling).texts == whole
 
 
 def test_top_k_and_top_p_restrict_the_choice():

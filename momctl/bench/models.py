@@ -62,6 +62,8 @@ class Subject:
     prefill: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
     step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
     prefill_chunk: int | None = None  # prompts are prefilled in pieces of this many tokens (None: in one call)
+    # A prompt's prefill before decoding, when it differs from `prefill`: logits of the last position only.
+    prompt_prefill: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
     is_reference: bool = False
     backends: dict = field(default_factory=dict)  # compiled / exported steps, made once per model (backends.py)
     attention_layer: bool = False  # layer scope: a softmax attention layer (FLOP count)
@@ -87,7 +89,8 @@ def build_subject(name: str, base: ModelConfig, scope: str, device: torch.device
     model = model.to(dtype)
     return Subject(name=name, scope=scope, module=model, config=config,
                    loss=lambda ids: model(ids, targets=ids).loss, prefill=model.prefill, step=model.step,
-                   prefill_chunk=PREFILL_CHUNK)
+                   prefill_chunk=PREFILL_CHUNK,
+                   prompt_prefill=lambda ids, state: model.prefill(ids, state, last_logits_only=True))
 
 
 def _layer(name: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Subject:

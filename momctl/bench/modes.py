@@ -97,13 +97,14 @@ def _prefill_call(subject, batch, seq_len, dtype, device, gen):
 
 
 def _prefill_prompt(subject: Subject, ids_BT: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Prefill a prompt in the subject's chunks (momctl: 2048 tokens, as `momctl generate`). Returns the last
-    position's logits `[B, W]` and the state."""
+    """Prefill a prompt in the subject's chunks (momctl: PREFILL_CHUNK tokens and last-position logits, as `momctl
+    generate`). Returns the last position's logits `[B, W]` and the state."""
     T = ids_BT.shape[1]
     chunk = subject.prefill_chunk or T
+    prefill = subject.prompt_prefill or subject.prefill
     state = None
     for s in range(0, T, chunk):
-        logits_BTW, state = subject.prefill(ids_BT[:, s:s + chunk], state)
+        logits_BTW, state = prefill(ids_BT[:, s:s + chunk], state)
     return logits_BTW[:, -1], state
 
 
