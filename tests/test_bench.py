@@ -16,6 +16,7 @@ from momctl.bench import CELL_FIELDS, SCHEMA, STATUSES, resolve_settings, run_be
 from momctl.bench.models import model_configs
 from momctl.bench.state_size import crossover_tokens, state_bytes, state_layout
 from momctl.bench.timing import quantile
+from momctl.bench.traffic import decode_step_bytes
 from momctl.cli import app
 from momctl.errors import MomctlError
 
@@ -89,6 +90,8 @@ def test_every_mode_runs_on_the_tiny_preset(mode, extra):
         mom = next(c for c in doc["results"] if c["model"] == "mom")
         # The measured state of a MoM model is its computed fixed size, whatever the context.
         assert mom["state_bytes_per_sequence"] == doc["state"]["per_sequence"]["mom"]["fixed_bytes"]
+    if mode == "decode":
+        assert all(c["gb_per_s"] > 0 for c in doc["results"] if c["status"] == "ok")
     if mode == "train":
         assert doc["settings"]["scope"] == "layer" and all(c["batch_size"] == 64 // c["seq_len"]
                                                            for c in doc["results"])
@@ -235,6 +238,28 @@ def test_state_sizes_and_crossover_match_the_real_state():
     n = crossover_tokens(mom, transformer)
     assert state_bytes(transformer, n) > state_bytes(mom, n) and state_bytes(transformer, n - 1) <= state_bytes(mom, 0)
     assert crossover_tokens(mom, mom) is None
+
+
+def test_decode_traffic_counts_the_weights_and_the_state_a_step_touches():
+    configs = model_configs(get_preset("tiny"))
+    for name in ("mom", "transformer"):
+        config = configs[name]
+        model = MoMForCausalLM(config).to(torch.bfloat16)
+        weights = sum(p.nbytes for p in model.parameters())
+        assert decode_step_bytes(config, "model", False, 0, 100, torch.bfloat16) == weights
+        _, short = model.prefill(torch.randint(0, 100, (1, 10)))
+        _, long = model.prefill(torch.randint(0, 100, (1, 30)))
+        one = decode_step_bytes(config, "model", False, 1, 10, torch.bfloat16) - weights
+        if name == "transformer":  # the KV cache is read whole and one entry written: grows with the context
+            grown = decode_step_bytes(config, "model", False, 1, 30, torch.bfloat16) - weights - one
+            assert grown == sum(s.keys.nbytes + s.values.nbytes for s in long.layers) - \
+                sum(s.keys.nbytes + s.values.nbytes for s in short.layers)
+        else:  # top-2 + shared of 5 memories, and every conv window, read and written
+            assert one == 2 * sum(s.memory.nbytes * 3 // 5 + s.conv.nbytes for s in short.layers)
+            assert decode_step_bytes(config, "model", False, 4, 30, torch.bfloat16) == weights + 4 * one
+            mom_layer = model.model.layers[0].attn
+            layer_bytes = decode_step_bytes(config, "layer", False, 1, 10, torch.bfloat16)
+            assert layer_bytes == sum(p.nbytes for p in mom_layer.parameters()) + one // config.num_layers
 
 
 def test_quantiles():

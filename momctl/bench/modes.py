@@ -4,7 +4,8 @@
   tokens/s = B * T / time.
 - prefill: forward without autograd (a layer's output, or the model's logits and recurrent state).
 - decode: the state after a context of T tokens (prefilled untimed), then one token per sequence per step; the
-  steps continue the sequence, so the context grows by one token per call. tokens/s = B / time per step.
+  steps continue the sequence, so the context grows by one token per call. tokens/s = B / time per step; GB/s =
+  the bytes a step must move (traffic.py) / time per step.
 - generate: a prompt of T tokens, prefilled, then greedy steps until `new_tokens` tokens per sequence; the time is
   the total latency. tokens/s = B * new_tokens / time.
 
@@ -23,6 +24,7 @@ from .models import Subject
 from .profile import time_breakdown
 from .settings import BenchSettings
 from .timing import WARMUP_CALLS, peak_memory, time_calls
+from .traffic import decode_step_bytes
 
 
 def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: BenchSettings,
@@ -52,6 +54,10 @@ def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: Ben
         out["tokens_per_s"] = batch * new_tokens / seconds
         nbytes = subject.state_bytes(state_holder["state"])
         out["state_bytes_per_sequence"] = None if nbytes is None else nbytes // batch
+        if mode == "decode":
+            moved = decode_step_bytes(subject.config, subject.scope, subject.attention_layer, batch, seq_len,
+                                      settings.torch_dtype)
+            out["gb_per_s"] = moved / seconds / 1e9
     return out
 
 

@@ -49,6 +49,8 @@ def mode_table(doc: dict, mode: str, cells: list[dict]) -> Table:
     table.add_column(f"vs {s['baseline']}", justify="right")
     if mode in ("train", "prefill"):
         table.add_column("TFLOP/s", justify="right")
+    if mode == "decode":
+        table.add_column("GB/s", justify="right")
     table.add_column("peak GiB", justify="right")
     if with_state:
         table.add_column("state / seq", justify="right")
@@ -67,6 +69,8 @@ def mode_table(doc: dict, mode: str, cells: list[dict]) -> Table:
                     f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"]
             if mode in ("train", "prefill"):
                 row.append(_num(c["tflops_per_s"]) if c["tflops_per_s"] is not None else "-")
+            if mode == "decode":
+                row.append(_num(c["gb_per_s"]) if c["gb_per_s"] is not None else "-")
             row += [_gib(c["peak_bytes"]), *([_state(doc, c)] if with_state else []), f"{c['warmup_s']:.1f}"]
         else:
             row += ["OOM" if c["status"] == "oom" else "error"] + ["-"] * (len(table.columns) - 4)

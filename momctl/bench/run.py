@@ -28,8 +28,8 @@ SCHEMA = "momctl-bench/1"
 STATUSES = ("ok", "oom", "skipped", "error")
 # Every cell carries every field; None where a field does not apply or was not measured.
 CELL_FIELDS = ("mode", "model", "seq_len", "batch_size", "status", "reason", "median_ms", "p20_ms", "p80_ms",
-               "repeats", "warmup_s", "tokens_per_s", "speedup", "tflops_per_s", "peak_bytes", "base_bytes",
-               "state_bytes_per_sequence")
+               "repeats", "warmup_s", "tokens_per_s", "speedup", "tflops_per_s", "gb_per_s", "peak_bytes",
+               "base_bytes", "state_bytes_per_sequence")
 
 
 def new_document(settings: BenchSettings, base: ModelConfig, source: str, command: str | None = None) -> dict:
