@@ -24,7 +24,7 @@ from .tokenizers import load_saved_tokenizer
 __all__ = ["GenerationStats", "LoadedModel", "SamplingConfig", "generate", "load_for_inference", "sample_next"]
 
 # Prompts are prefilled in pieces of this many tokens, so prefill memory is bounded whatever the prompt length: every
-# prompt of 1K tokens or more peaks at the same memory (measured flat from 1K to 64K on mom-340m; see the README).
+# prompt of at least this many tokens runs pieces of the same size, so its peak memory does not depend on its length.
 PREFILL_CHUNK = 1024
 BACKENDS = ("eager", "compile")
 
