@@ -24,8 +24,9 @@ from .tokenizers import load_saved_tokenizer
 __all__ = ["GenerationStats", "LoadedModel", "SamplingConfig", "generate", "load_for_inference", "sample_next"]
 
 # Prompts are prefilled in pieces of this many tokens, so prefill memory is bounded whatever the prompt length (every
-# prompt of two pieces or more peaks at the same memory). Not smaller: each piece costs about 0.15 s on an H100 at
-# 1024 and at 2048 tokens alike (mom-340m; README, generate_h100_fcfeb08.json), so halving it doubled prefill time.
+# prompt of two pieces or more peaks at the same memory). Not smaller: a piece cost about 0.15 s on an H100 at 1024
+# and at 2048 tokens alike (mom-340m; two runs in different sessions, generate_h100.json and generate_h100_fcfeb08.json:
+# see the README), so halving it doubled long-prompt prefill.
 PREFILL_CHUNK = 2048
 BACKENDS = ("eager", "compile")
 
