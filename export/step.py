@@ -84,7 +84,9 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
         proj_BP = torch.cat([linear(x_BD) for linear in linears], dim=-1)
     else:
         proj_BP = F.linear(x_BD, weight.to(x_BD.dtype))
-    proj_BP, gate_BHV = proj_BP.split([proj_BP.shape[1] - c.value_dim, c.value_dim], dim=-1)
+    # The output gate is the last projection (the pack's zero padding follows it); the step reads the rest by column.
+    gate_start = sum(linear.out_features for linear in linears) - c.value_dim
+    gate_BHV = proj_BP[:, gate_start:gate_start + c.value_dim]
 
     step = mom_step_ref
     if use_kernels(x_BD):
@@ -106,7 +108,9 @@ def mlp_step(mlp: SwiGLU, x_BD: torch.Tensor) -> torch.Tensor:
     weight = packed_weight(mlp, mlp_linears(mlp))
     if weight is None:
         return mlp(x_BD)
-    gate_BI, up_BI = F.linear(x_BD, weight.to(x_BD.dtype)).chunk(2, dim=-1)
+    I = mlp.up_proj.out_features
+    proj_BP = F.linear(x_BD, weight.to(x_BD.dtype))
+    gate_BI, up_BI = proj_BP[:, :I], proj_BP[:, I:2 * I]
     return mlp.down_proj(F.silu(gate_BI) * up_BI)
 
 

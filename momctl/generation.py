@@ -16,6 +16,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import MomctlError
 from .model import MoMForCausalLM
+from .prefill import PREFILL_CHUNK, GraphedPrefill, prefill_in_chunks
 from .sampling import MAX_PROMPT_TOKENS, GenerationStats, SamplingConfig, TextStreams, encode_prompts
 from .state import StepState
 from .state_file import SavedState
@@ -23,11 +24,6 @@ from .tokenizers import load_saved_tokenizer
 
 __all__ = ["GenerationStats", "LoadedModel", "SamplingConfig", "generate", "load_for_inference", "sample_next"]
 
-# Prompts are prefilled in pieces of this many tokens, so prefill memory is bounded whatever the prompt length (every
-# prompt of two pieces or more peaks at the same memory). Not smaller: a piece cost about 0.15 s on an H100 at 1024
-# and at 2048 tokens alike (mom-340m; two runs in different sessions, generate_h100.json and generate_h100_fcfeb08.json:
-# see the README), so halving it doubled long-prompt prefill.
-PREFILL_CHUNK = 2048
 BACKENDS = ("eager", "compile")
 
 
@@ -110,12 +106,14 @@ def generate(loaded: LoadedModel, prompts: list[str], sampling: SamplingConfig,
     start = time.perf_counter()
     state = resume.state if resume is not None else None
     next_logits_BW = resume.next_logits.to(model.output_weight.dtype) if resume is not None else None
-    for s in range(0, longest, PREFILL_CHUNK):
-        logits_BTW, state = model.prefill(ids_BT[:, s:s + PREFILL_CHUNK], state, mask_BT[:, s:s + PREFILL_CHUNK],
-                                          last_logits_only=True)
     if longest:
+        # The compile backend replays a CUDA graph per prefill chunk when the prompt spans more than two chunks (the
+        # capture costs about two eager chunks).
+        if backend == "compile" and longest > 2 * PREFILL_CHUNK and GraphedPrefill.supports(model):
+            last_BW, state = GraphedPrefill(model)(ids_BT, mask_BT, state)
+        else:
+            last_BW, state = prefill_in_chunks(model, ids_BT, mask_BT, state)
         has_new_B = torch.tensor([len(ids) > 0 for ids in encoded], device=device)
-        last_BW = logits_BTW[:, -1]
         next_logits_BW = last_BW if next_logits_BW is None else torch.where(has_new_B[:, None], last_BW,
                                                                             next_logits_BW)
     # KV room for every token to come, allocated once: the step never reallocates.

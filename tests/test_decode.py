@@ -94,3 +94,21 @@ def test_step_leaves_unrouted_memories_bitwise_untouched():
     changed = [not torch.equal(before[0][0, e], after.layers[0].memory[0, e]) for e in range(4)]
     conv_changed = [not torch.equal(before[1][0, e], after.layers[0].conv[0, e]) for e in range(4)]
     assert sum(changed) == 1 and conv_changed == changed
+
+
+def test_packed_projections_are_zero_padded_to_aligned_rows_and_keep_the_linears_as_views():
+    from momctl.export.step_weights import ROW_MULTIPLE, mixer_linears, pack_for_decoding
+    from momctl.mixer import MoMMixer
+
+    model = random_model(small_config())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pack_for_decoding(model)
+    mixers = [m for m in model.modules() if isinstance(m, MoMMixer)]
+    for mixer in mixers:
+        linears, _ = mixer_linears(mixer)
+        rows = sum(linear.out_features for linear in linears)
+        weight = mixer._decode_pack.weight
+        assert rows % ROW_MULTIPLE and weight.shape[0] == rows + (-rows % ROW_MULTIPLE)
+        assert torch.equal(weight[rows:], torch.zeros_like(weight[rows:]))
+        assert linears[-1].weight.data_ptr() == weight[rows - linears[-1].out_features].data_ptr()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

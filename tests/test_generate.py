@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from momctl import generation
+from momctl import prefill
 from momctl.generation import SamplingConfig, load_for_inference, sample_next
 from momctl.generation import generate as generate_text
 from momctl.run_config import build_run_config
@@ -59,7 +59,7 @@ def test_prompts_longer_than_a_prefill_chunk_continue_exactly(run_dir, monkeypat
     loaded = load_for_inference(run_dir, torch.device("cpu"))
     prompts, sampling = ["Entry 123: routers", "Entry 9"], SamplingConfig(max_new_tokens=12, temperature=0)
     whole = generate_text(loaded, prompts, sampling).texts
-    monkeypatch.setattr(generation, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(prefill, "PREFILL_CHUNK", 3)
     assert generate_text(loaded, prompts, sampling).texts == whole
 
 

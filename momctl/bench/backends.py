@@ -2,7 +2,8 @@
 
 - `eager`: the model's own `step` (the static step in PyTorch).
 - `compile`: `momctl.export.compiled.CompiledStep` (torch.compile; on CUDA ping-pong CUDA graphs), made once per
-  model; the prefilled state becomes a `StepState` with KV room for every step the cell makes.
+  model; the prefilled state becomes a `StepState` with KV room for every step the cell makes. The prompt's prefill
+  replays a CUDA graph per chunk (`momctl.prefill.GraphedPrefill`) where the model allows, as `momctl generate`.
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
   its state is handed to the bundle's layout. The bundle is deleted with the step.
@@ -51,6 +52,18 @@ def step_function(subject: Subject, backend: str, capacity: int) -> StepFn:
     if key not in subject.backends:
         subject.backends[key] = OnnxStep(subject.module, capacity)
     return subject.backends[key]
+
+
+def graphed_prefill(subject: Subject):
+    """The subject's CUDA-graph prompt prefill (`momctl.prefill.GraphedPrefill`, made once per model; its graphs
+    serve every cell), or None where the model does not allow one (CPU, attention layers, FLA, layer scope)."""
+    from ..prefill import GraphedPrefill
+
+    if subject.scope != "model" or subject.is_reference or not GraphedPrefill.supports(subject.module):
+        return None
+    if "prefill" not in subject.backends:
+        subject.backends["prefill"] = GraphedPrefill(subject.module)
+    return subject.backends["prefill"]
 
 
 def _compiled_step(subject: Subject, capacity: int) -> StepFn:

@@ -21,9 +21,9 @@ from torch import nn
 from ..attention import Attention
 from ..config import ModelConfig
 from ..fla_compat import config_to_fla
-from ..generation import PREFILL_CHUNK
 from ..mixer import MoMMixer
 from ..model import MoMForCausalLM
+from ..prefill import prefill_in_chunks
 from .layer_decode import layer_prefill, layer_step
 
 FLA_MODELS = ("reference", "reference-gdn")
@@ -61,9 +61,9 @@ class Subject:
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None
     prefill: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
     step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
-    prefill_chunk: int | None = None  # prompts are prefilled in pieces of this many tokens (None: in one call)
-    # A prompt's prefill before decoding, when it differs from `prefill`: logits of the last position only.
-    prompt_prefill: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
+    # A whole prompt's prefill before decoding, `ids [B, T] -> (last position's logits [B, W], state)`, when it
+    # differs from `prefill` in one call (momctl: bounded chunks, as `momctl generate`).
+    prompt_prefill: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None = None
     is_reference: bool = False
     backends: dict = field(default_factory=dict)  # compiled / exported steps, made once per model (backends.py)
     attention_layer: bool = False  # layer scope: a softmax attention layer (FLOP count)
@@ -89,8 +89,7 @@ def build_subject(name: str, base: ModelConfig, scope: str, device: torch.device
     model = model.to(dtype)
     return Subject(name=name, scope=scope, module=model, config=config,
                    loss=lambda ids: model(ids, targets=ids).loss, prefill=model.prefill, step=model.step,
-                   prefill_chunk=PREFILL_CHUNK,
-                   prompt_prefill=lambda ids, state: model.prefill(ids, state, last_logits_only=True))
+                   prompt_prefill=torch.no_grad()(lambda ids: prefill_in_chunks(model, ids)))
 
 
 def _layer(name: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Subject:
@@ -186,4 +185,4 @@ def _build_fla(name: str, config: ModelConfig, scope: str, device: torch.device,
     # FLA's MoM mishandles continuing a cache with 2..64 new tokens (mom-spec.md): prompts go in one call.
     return Subject(name=name, scope="model", module=model, config=config,
                    loss=lambda ids: model(input_ids=ids, labels=ids).loss, prefill=torch.no_grad()(prefill),
-                   step=torch.no_grad()(step), prefill_chunk=None, is_reference=True)
+                   step=torch.no_grad()(step), is_reference=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .backends import step_function
+from .backends import graphed_prefill, step_function
 from .flops import forward_flops
 from .models import Subject
 from .profile import time_breakdown
@@ -102,15 +102,16 @@ def _prefill_call(subject, batch, seq_len, dtype, device, gen):
     return call
 
 
-def _prefill_prompt(subject: Subject, ids_BT: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Prefill a prompt in the subject's chunks (momctl: PREFILL_CHUNK tokens and last-position logits, as `momctl
-    generate`). Returns the last position's logits `[B, W]` and the state."""
-    T = ids_BT.shape[1]
-    chunk = subject.prefill_chunk or T
-    prefill = subject.prompt_prefill or subject.prefill
-    state = None
-    for s in range(0, T, chunk):
-        logits_BTW, state = prefill(ids_BT[:, s:s + chunk], state)
+def _prefill_prompt(subject: Subject, ids_BT: torch.Tensor, backend: str) -> tuple[torch.Tensor, Any]:
+    """Prefill a prompt as `momctl generate` does (momctl: bounded chunks with last-position logits; with the compile
+    backend a CUDA graph replayed per chunk where the model allows). Returns the last position's logits `[B, W]` and
+    the state."""
+    graphed = graphed_prefill(subject) if backend == "compile" else None
+    if graphed is not None:
+        return graphed(ids_BT)
+    if subject.prompt_prefill is not None:
+        return subject.prompt_prefill(ids_BT)
+    logits_BTW, state = subject.prefill(ids_BT, None)
     return logits_BTW[:, -1], state
 
 
@@ -124,7 +125,7 @@ def _decode_call(subject, batch, seq_len, settings, device, gen):
     else:
         token_B = torch.randint(0, subject.config.vocab_size, (batch,), device=device, generator=gen)
     with torch.no_grad():
-        _, state = _prefill_prompt(subject, ids_BT)
+        _, state = _prefill_prompt(subject, ids_BT, settings.backend)
     holder = {"state": state}
 
     def call():
@@ -142,7 +143,7 @@ def _generate_call(subject, batch, seq_len, new_tokens, backend, device, gen):
     def call():
         holder["state"] = None  # the previous call's state is not counted in this call's memory
         with torch.no_grad():
-            logits_BW, state = _prefill_prompt(subject, ids_BT)
+            logits_BW, state = _prefill_prompt(subject, ids_BT, backend)
             token_B = logits_BW.argmax(-1)
             for _ in range(new_tokens - 1):
                 logits_BW, state = step(token_B, state)

@@ -86,7 +86,10 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, repeats: int) -> 
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
-    """Bytes allocated before one more call of `fn` and the peak during it (CUDA); Nones on other devices."""
+    """Bytes allocated before one more call of `fn` and the peak during it (CUDA); Nones on other devices.
+
+    Both count the memory that CUDA-graph pools hold beyond their live tensors: a replay writes its intermediates
+    there without the allocator seeing them allocated, so it is in use whenever a graph runs."""
     if device.type != "cuda":
         return {"peak_bytes": None, "base_bytes": None}
     torch.cuda.synchronize(device)
@@ -94,4 +97,12 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     base = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
-    return {"peak_bytes": torch.cuda.max_memory_allocated(device), "base_bytes": base}
+    pools = graph_pool_idle_bytes(device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device) + pools, "base_bytes": base + pools}
+
+
+def graph_pool_idle_bytes(device: torch.device) -> int:
+    """Bytes of `device`'s private (CUDA-graph) memory pools not held by a live tensor."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(segment["total_size"] - segment["allocated_size"] for segment in torch.cuda.memory_snapshot()
+               if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0))
