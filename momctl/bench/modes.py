@@ -125,7 +125,8 @@ def _decode_call(subject, batch, seq_len, settings, device, gen):
     else:
         token_B = torch.randint(0, subject.config.vocab_size, (batch,), device=device, generator=gen)
     with torch.no_grad():
-        _, state = _prefill_prompt(subject, ids_BT, settings.backend)
+        # Eagerly: the context is set-up, and a prefill graph's memory pool would count in the step's peak.
+        _, state = _prefill_prompt(subject, ids_BT, "eager")
     holder = {"state": state}
 
     def call():
