@@ -58,9 +58,13 @@ class CompiledStep:
         pack_for_decoding(model)
         self._compiled = self._flat_step
         if inductor or not self.cuda_graphs:
-            # Coordinate-descent tuning of the generated kernels (reductions and pointwise ops of a small batch).
-            self._compiled = torch.compile(self._flat_step, dynamic=False, fullgraph=True,
-                                           options={"coordinate_descent_tuning": True})
+            # Coordinate-descent tuning of the generated kernels (reductions and pointwise ops of a small batch). On
+            # CUDA the matmuls are autotuned too, cuBLAS against Triton templates that fuse the norm before them
+            # (mom-340m at batch 16 on an H100, one run: 2.02 ms a step with cuBLAS alone, 1.95 ms autotuned).
+            options = {"coordinate_descent_tuning": True}
+            if self.cuda_graphs:
+                options.update(max_autotune_gemm=True, max_autotune_gemm_backends="CUBLAS,TRITON")
+            self._compiled = torch.compile(self._flat_step, dynamic=False, fullgraph=True, options=options)
 
     def _flat_step(self, token_ids_B: torch.Tensor, *tensors: torch.Tensor):
         """The step over flat tensors: the state's, then (CUDA graphs) the output buffer's."""
