@@ -71,3 +71,13 @@ def test_top_k_and_top_p_restrict_the_choice():
     picked = sample_next(logits, SamplingConfig(temperature=1.0, top_k=None, top_p=0.5), gen)
     assert set(picked.tolist()) == {0}  # token 0 alone holds ~70% of the mass
     assert sample_next(logits[:3], SamplingConfig(temperature=0), gen).tolist() == [0, 0, 0]
+
+
+def test_notes_come_after_the_streamed_text_not_inside_its_last_line(run_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "momctl", "generate", str(run_dir), "--max-new-tokens", "4",
+                             "--prompt", "Entry 7", "--save-state", str(tmp_path / "s.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                            env=dict(os.environ))
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Entry 7") and lines[1].startswith("saved the state to"), lines

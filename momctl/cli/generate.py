@@ -61,7 +61,7 @@ def generate_command(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    texts, stats, source = run_generation(stream if streaming else None)
+    texts, stats, source, notes = run_generation(stream if streaming else None)
     if streaming:
         sys.stdout.write("\n")
     else:
@@ -69,6 +69,8 @@ def generate_command(
             p = i // num_samples
             sys.stdout.write(f"--- prompt {p + 1}, sample {i % num_samples + 1}\n{prompts[p]}{text}\n")
     sys.stdout.flush()
+    for note in notes:  # after the streamed text's last line, not inside it
+        err.print(note, highlight=False)
     err.print(f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:,.1f} tokens/s, first token after "
               f"{stats.time_to_first_token_s * 1000:.0f} ms, state {stats.state_bytes_per_sequence / 2**20:.2f} MiB "
               f"per sequence ({source})", highlight=False)
@@ -93,12 +95,13 @@ def _torch(run, prompts, sampling, device, backend, save_state, load_state):
     def run_generation(on_text):
         result = generate(loaded, prompts, sampling, on_text=on_text, backend=backend, resume=resume,
                           keep_state=save_state is not None)
+        notes = []
         if result.compile_seconds is not None:
-            err.print(f"compiled the decode step in {result.compile_seconds:.1f} s", highlight=False)
+            notes.append(f"compiled the decode step in {result.compile_seconds:.1f} s")
         if save_state is not None:
             write_state(save_state, result.saved, config, loaded.tokenizer)
-            err.print(f"saved the state to {save_state}", highlight=False)
-        return result.texts, result.stats, loaded.checkpoint
+            notes.append(f"saved the state to {save_state}")
+        return result.texts, result.stats, loaded.checkpoint, notes
 
     return run_generation
 
@@ -114,6 +117,6 @@ def _onnx(run, prompts, sampling, device, save_state, load_state):
 
     def run_generation(on_text):
         texts, stats = bundle.generate(prompts, sampling, on_text=on_text)
-        return texts, stats, bundle.folder
+        return texts, stats, bundle.folder, []
 
     return run_generation
