@@ -32,6 +32,8 @@ FORMAT = "momctl-onnx-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+# Present on a machine with an NVIDIA driver loaded: ONNX Runtime's CUDA provider can load without a GPU, then fails.
+NVIDIA_DEVICE = "/dev/nvidiactl"
 
 
 class OnnxBundle:
@@ -341,14 +343,18 @@ def _check_graph(folder: Path, session: ort.InferenceSession, manifest: dict) ->
 def _pick_device(device: str) -> tuple[str, int]:
     """("cpu" | "cuda", device index) for --device."""
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    has_gpu = os.path.exists(NVIDIA_DEVICE)
     if device == "auto":
-        return ("cuda", 0) if has_cuda and os.path.exists("/dev/nvidiactl") else ("cpu", 0)
+        return ("cuda", 0) if has_cuda and has_gpu else ("cpu", 0)
     if device == "cpu":
         return "cpu", 0
     if device == "cuda" or device.startswith("cuda:") and device[5:].isdigit():
         if not has_cuda:
             raise MomctlError(f"--device {device}: this ONNX Runtime has no CUDA execution provider; install "
                               f"onnxruntime-gpu or use --device cpu")
+        if not has_gpu:
+            raise MomctlError(f"--device {device}: this machine has no NVIDIA GPU ({NVIDIA_DEVICE} is missing); "
+                              f"use --device cpu")
         return "cuda", int(device.removeprefix("cuda").lstrip(":") or 0)
     raise MomctlError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
 

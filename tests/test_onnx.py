@@ -228,6 +228,17 @@ def test_a_bundle_that_does_not_match_its_manifest_is_refused(bundle_dir, tmp_pa
                                  tmp_path / "s"), "--save-state")
 
 
+def test_cuda_on_a_machine_without_a_gpu_is_one_line(bundle_dir, monkeypatch):
+    from momctl.export import runtime
+
+    monkeypatch.setattr(runtime, "NVIDIA_DEVICE", "/nonexistent/nvidiactl")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: providers)
+    with pytest.raises(MomctlError, match="no NVIDIA GPU .*use --device cpu"):
+        OnnxBundle(bundle_dir, device="cuda")
+    assert OnnxBundle(bundle_dir, device="auto").device_type == "cpu"
+
+
 def _onnxruntime_has_cuda() -> bool:
     import onnxruntime as ort
 
