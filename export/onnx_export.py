@@ -5,7 +5,9 @@ tokenizer files and `manifest.json` (inputs, outputs, which output feeds which i
 itself: it runs fed-back steps in ONNX Runtime (CPU) against PyTorch and fails if the logits differ.
 
 The graph comes from torch.onnx.export's torch.export-based exporter (opset 18 and up; the TorchScript exporter is
-deprecated). fp32 graphs are for CPUs; fp16 graphs (fp32 norms, decay parameters and state) are for GPUs.
+deprecated). fp32 graphs are for CPUs; fp16 graphs (fp32 norms, decay parameters and state) are for GPUs. MoM layers
+step on ONNX Runtime's fused recurrent ops by default (`--ops onnxruntime`: `ort_ops.py`, a few nodes a layer), or on
+standard ONNX ops only (`--ops standard`: about a hundred nodes a layer, for runtimes other than ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..state import StepState
 from ..state_file import config_sha256
 from ..tokenizers import describe_tokenizer, save_tokenizer
 from .onnx_io import OnnxStep, io_specs, state_specs, to_onnx_layout
+from .ort_ops import TRANSLATIONS
 from .step_weights import pack_for_decoding
 
 FORMAT = "momctl-onnx-bundle"
@@ -38,6 +41,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 OPSETS = range(18, 24)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+OPS = ("onnxruntime", "standard")
 # Largest relative error ||onnx - torch|| / ||torch|| of any step's logits that the export accepts.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
@@ -52,6 +56,7 @@ class ExportReport:
     folder: Path
     dtype: str
     opset: int
+    ops: str
     model_bytes: int  # model.onnx (+ its external data)
     verify_steps: int
     max_rel_error: float
@@ -59,7 +64,7 @@ class ExportReport:
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = 18,
-                max_length: int = DEFAULT_MAX_LENGTH, verify_steps: int = 16) -> ExportReport:
+                max_length: int = DEFAULT_MAX_LENGTH, verify_steps: int = 16, ops: str = "onnxruntime") -> ExportReport:
     """Export a checkpoint's static step to an ONNX bundle folder `out` (new or empty; written whole or not at all).
 
     Args:
@@ -69,21 +74,22 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32",
         opset: ONNX opset, 18 to 23.
         max_length: KV-cache positions of attention layers (prompt + generated tokens); unused without them.
         verify_steps: fed-back steps compared with PyTorch in ONNX Runtime (CPU) before the bundle is kept.
+        ops: `onnxruntime` (MoM layers on ONNX Runtime's fused `com.microsoft` ops) or `standard` (ONNX ops only).
     """
-    _check_options(dtype, opset, max_length, verify_steps)
+    _check_options(dtype, opset, max_length, verify_steps, ops)
     _check_out(Path(out))
     loaded = load_for_inference(checkpoint, torch.device("cpu"))
     return export_bundle(loaded.model, loaded.tokenizer, out, dtype=dtype, opset=opset, max_length=max_length,
-                         verify_steps=verify_steps, source=str(loaded.checkpoint))
+                         verify_steps=verify_steps, source=str(loaded.checkpoint), ops=ops)
 
 
 def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: str = "fp32", opset: int = 18,
                   max_length: int = DEFAULT_MAX_LENGTH, verify_steps: int = 16,
-                  source: str | None = None) -> ExportReport:
+                  source: str | None = None, ops: str = "onnxruntime") -> ExportReport:
     """Export a `MoMForCausalLM` (on the CPU) and its tokenizer as a bundle; arguments as in `export_onnx`
     (`source`: where the weights came from, for the manifest). The model is not changed."""
     start = time.perf_counter()
-    _check_options(dtype, opset, max_length, verify_steps)
+    _check_options(dtype, opset, max_length, verify_steps, ops)
     out = Path(out)
     _check_out(out)
     model = _cast(copy.deepcopy(model), DTYPES[dtype])
@@ -103,11 +109,11 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
         raise MomctlError(f"cannot create the bundle folder beside {out} ({err.strerror}); pass a writable --out") \
             from None
     try:
-        model_bytes = _export_graph(model, tmp / MODEL_FILE, inputs, outputs, capacity, opset)
+        model_bytes = _export_graph(model, tmp / MODEL_FILE, inputs, outputs, capacity, opset, ops)
         max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype])
         save_tokenizer(tokenizer, tmp)
         manifest = {
-            "format": FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset,
+            "format": FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset, "ops": ops,
             "max_length": capacity or None, "config": config.to_dict(), "config_sha256": config_sha256(config),
             "source": source, "tokenizer": describe_tokenizer(tokenizer),
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
@@ -121,7 +127,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out, dtype, opset, model_bytes, verify_steps, max_err, time.perf_counter() - start)
+    return ExportReport(out, dtype, opset, ops, model_bytes, verify_steps, max_err, time.perf_counter() - start)
 
 
 def _check_out(out: Path) -> None:
@@ -130,9 +136,12 @@ def _check_out(out: Path) -> None:
                           f"overwrites)")
 
 
-def _check_options(dtype: str, opset: int, max_length: int, verify_steps: int) -> None:
+def _check_options(dtype: str, opset: int, max_length: int, verify_steps: int, ops: str) -> None:
     if dtype not in DTYPES:
         raise MomctlError(f"--dtype {dtype} is not supported; use fp32 (CPU) or fp16 (CUDA)")
+    if ops not in OPS:
+        raise MomctlError(f"--ops {ops} is not supported; use onnxruntime (ONNX Runtime's fused recurrent ops) or "
+                          f"standard (standard ONNX ops only)")
     if opset not in OPSETS:
         raise MomctlError(f"--opset {opset} is not supported; use {OPSETS[0]} to {OPSETS[-1]} (the exporter writes "
                           f"opset {OPSETS[0]} and up)")
@@ -154,7 +163,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def _export_graph(model, path: Path, inputs, outputs, capacity: int, opset: int) -> int:
+def _export_graph(model, path: Path, inputs, outputs, capacity: int, opset: int, ops: str) -> int:
     """Write the graph to `path` (weights as external data past EXTERNAL_DATA_BYTES). Returns its bytes."""
     state = StepState.from_inference(model.init_state(EXAMPLE_BATCH), capacity=capacity or None)
     args = (torch.zeros(EXAMPLE_BATCH, dtype=torch.long), *to_onnx_layout(state))
@@ -164,9 +173,10 @@ def _export_graph(model, path: Path, inputs, outputs, capacity: int, opset: int)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(OnnxStep(model).eval(), args, dynamo=True, opset_version=opset,
+        program = torch.onnx.export(OnnxStep(model, ops).eval(), args, dynamo=True, opset_version=opset,
                                     input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                                    dynamic_shapes=dynamic_shapes, verbose=False)
+                                    dynamic_shapes=dynamic_shapes, custom_translation_table=TRANSLATIONS,
+                                    verbose=False)
     weight_bytes = sum(p.nbytes for p in model.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     written = _opset_of(path)

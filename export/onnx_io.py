@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..state import KVCache, MemoryState, StepState
+from .ort_step import mom_step_ort
 from .step import decode_step
 
 BATCH = "batch"
@@ -96,12 +97,15 @@ class OnnxStep(nn.Module):
 
     Args:
         model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state stays fp32.
+        ops: `onnxruntime`: MoM layers step on ONNX Runtime's fused ops (`ort_step.py`); `standard`: standard ONNX
+            ops only (`mom_step_ref`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, ops: str = "onnxruntime") -> None:
         super().__init__()
         self.model = model
         self.has_attention = bool(model.config.attention_layers)
+        self.memory_step = mom_step_ort if ops == "onnxruntime" else None
 
     def forward(self, input_ids: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c = self.model.config
@@ -115,9 +119,14 @@ class OnnxStep(nn.Module):
                 layers.append(KVCache(first, second))
             else:
                 S, C = c.num_slots, 2 * c.key_dim + c.value_dim
-                # the memory stays [B, S*H, K, V] (`mom_step_ref` takes it so): reshaping it would copy the state
-                conv = second.reshape(B, S, C, c.conv_size - 1).transpose(2, 3)
+                # the memory stays [B, S*H, K, V] (both steps take it so): reshaping it would copy the state
+                conv = second if self.memory_step else second.reshape(B, S, C, c.conv_size - 1).transpose(2, 3)
                 layers.append(MemoryState(first, conv))
-        logits, new_state = decode_step(self.model, input_ids, StepState(layers, positions))
-        present = to_onnx_layout(new_state)[1 if self.has_attention else 0:]
+        logits, new_state = decode_step(self.model, input_ids, StepState(layers, positions),
+                                        memory_step=self.memory_step)
+        if self.memory_step:  # the state came back in the graph's layouts
+            present = [t for layer in new_state.layers for t in (
+                (layer.keys, layer.values) if isinstance(layer, KVCache) else (layer.memory, layer.conv))]
+        else:
+            present = to_onnx_layout(new_state)[1 if self.has_attention else 0:]
         return (logits.float(), *present)

@@ -34,6 +34,8 @@ MANIFEST = "manifest.json"
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 # Present on a machine with an NVIDIA driver loaded: ONNX Runtime's CUDA provider can load without a GPU, then fails.
 NVIDIA_DEVICE = "/dev/nvidiactl"
+# ONNX Runtime's com.microsoft ops that `--ops onnxruntime` graphs use (export/ort_ops.py)
+FUSED_OPS = ("LinearAttention", "CausalConvWithState", "LinearAttentionGate")
 
 
 class OnnxBundle:
@@ -58,6 +60,10 @@ class OnnxBundle:
         try:
             self.session = ort.InferenceSession(str(self.folder / self.manifest["model"]), providers=[provider])
         except Exception as err:  # ONNX Runtime raises its own exception types for unreadable models
+            if self.manifest.get("ops") == "onnxruntime" and "com.microsoft" in str(err):
+                raise MomctlError(f"{self.folder} uses ONNX Runtime's fused recurrent ops ({', '.join(FUSED_OPS)}), "
+                                  f"which onnxruntime {ort.__version__} lacks: upgrade onnxruntime (1.31 has them) "
+                                  f"or export with --ops standard") from None
             raise MomctlError(f"ONNX Runtime cannot load {self.folder / self.manifest['model']} "
                               f"({_one_line(err)}): the file is corrupt or incomplete; export the bundle again") \
                 from None

@@ -28,7 +28,7 @@ from .step_weights import mixer_linears, mlp_linears, packed_weight
 
 
 def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
-                out: StepState | None = None) -> tuple[torch.Tensor, StepState]:
+                out: StepState | None = None, memory_step=None) -> tuple[torch.Tensor, StepState]:
     """One token per sequence: `MoMForCausalLM` at the next position of each sequence.
 
     Args:
@@ -40,6 +40,9 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             `state` itself); its attention layers must hold the same KV-cache tensors as `state`'s (the cache is
             appended in place, not double-buffered), and its MoM layers the same memory tensors (advanced in place;
             their conv windows are other tensors). None: new tensors.
+        memory_step: the memories' step of MoM layers, for exported graphs (`ort_step.mom_step_ort`, which takes
+            the state in the graph's layouts; without `out`). None: the fused kernel on CUDA, `mom_step_ref`
+            elsewhere.
 
     Returns:
         logits `[B, W]` and the state after the token (`cache_length` one higher). The KV caches must have room for
@@ -52,7 +55,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
         if isinstance(block.attn, Attention):
             y_BD, layer_state = attention_step(block.attn, h_BD, state.positions, layer_state, out is not None)
         else:
-            y_BD, layer_state = mom_step(block.attn, h_BD, layer_state, None if out is None else out.layers[i])
+            y_BD, layer_state = mom_step(block.attn, h_BD, layer_state, None if out is None else out.layers[i],
+                                         memory_step)
         layers.append(layer_state)
         x_BD = x_BD + y_BD
         x_BD = x_BD + mlp_step(block.mlp, block.mlp_norm(x_BD))
@@ -62,8 +66,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
     return logits_BW, StepState(layers=layers, positions=positions, cache_length=cache_length)
 
 
-def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
-             out: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: MemoryState | None = None,
+             memory_step=None) -> tuple[torch.Tensor, MemoryState]:
     """One token through a MoM layer (shared/mom-spec.md steps 1-8 for T = 1). Returns y `[B, D]` and the new state:
     new tensors, or (with `out`, which holds the same memory tensor as `state`) the memories advanced in place and
     the conv windows written into `out.conv`.
@@ -71,7 +75,7 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
     One matmul gives every input projection (router logits, q, each slot's k, v, beta and decay inputs, and the
     output gate); the memories' step (routing, conv, update rule, weighted outputs) is one fused Triton launch on
     CUDA (`kernels/common/fused_step.py`) and its reference elsewhere, which computes every slot and keeps the
-    touched ones.
+    touched ones; or `memory_step` (see `decode_step`).
     """
     if out is not None and out.memory is not state.memory:
         raise ValueError("out must hold the state's own memory tensor: the memories are advanced in place")
@@ -88,15 +92,19 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState,
     gate_start = sum(linear.out_features for linear in linears) - c.value_dim
     gate_BHV = proj_BP[:, gate_start:gate_start + c.value_dim]
 
-    step = mom_step_ref
-    if use_kernels(x_BD):
-        from ..kernels.common.fused_step import fused_mom_step as step
     conv_weights = (mixer.q_conv1d.weight, mixer.k_conv1d.weight, mixer.v_conv1d.weight)
     A_log, dt_bias = (mixer.A_log, mixer.dt_bias) if c.has_decay else (None, None)
-    o_BSHV, memory, conv = step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
-                                num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
-                                conv_every_slot=c.conv_scope == "time",
-                                conv_out=None if out is None else out.conv)
+    options = dict(num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
+                   conv_every_slot=c.conv_scope == "time")
+    if memory_step is not None:
+        o_BSHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
+                                           **options)
+    else:
+        step = mom_step_ref
+        if use_kernels(x_BD):
+            from ..kernels.common.fused_step import fused_mom_step as step
+        o_BSHV, memory, conv = step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
+                                    **options, conv_out=None if out is None else out.conv)
 
     # 6-8. Mix (the kernel weighted each slot's output; untouched slots are zero), gated norm, output projection.
     o_BHV = mixer.o_norm(o_BSHV.sum(1).to(x_BD.dtype), gate_BHV.reshape(B, H, V))

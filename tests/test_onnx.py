@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import random_model, rel_err, small_config, trained_tiny_run
@@ -84,12 +85,13 @@ def test_bundle_matches_eager_over_64_steps(run_dir, bundle_dir):
     assert max(fed_back_errors(model, OnnxBundle(bundle_dir, device="cpu"))) < 1e-4
 
 
-def test_gdn_with_attention_matches_eager_over_64_steps(tmp_path):
+@pytest.mark.parametrize("ops", ["onnxruntime", "standard"])
+def test_gdn_with_attention_matches_eager_over_64_steps(tmp_path, ops):
     """The single-memory baseline (no router, no shared memory) and an attention layer with GQA, in one graph."""
     config = small_config(vocab_size=300, num_memories=1, top_k=1, shared_memory=False, attention_layers=(1,),
                           attn_num_kv_heads=2)
     model = random_model(config, dtype=torch.float32)
-    report = export_bundle(model, ByteTokenizer(), tmp_path / "b", max_length=STEPS, verify_steps=4)
+    report = export_bundle(model, ByteTokenizer(), tmp_path / "b", max_length=STEPS, verify_steps=4, ops=ops)
     assert report.max_rel_error < 1e-4
     bundle = OnnxBundle(tmp_path / "b", device="cpu")
     errors = fed_back_errors(model, bundle)
@@ -134,7 +136,6 @@ def test_manifest_names_follow_the_recurrent_convention(bundle_dir):
 def test_the_graph_does_not_copy_the_recurrent_state_in_or_out(bundle_dir):
     """ONNX Runtime copies a reshaped graph input or output: the memories must enter the step's arithmetic and leave
     it in their `[B, S*H, K, V]` layout (the recurrent state is most of what a step reads and writes)."""
-    import onnx
 
     graph = onnx.load(str(bundle_dir / "model.onnx"), load_external_data=False).graph
     states = {t.name for t in [*graph.input, *graph.output] if t.name.endswith("recurrent_state")}
@@ -144,9 +145,8 @@ def test_the_graph_does_not_copy_the_recurrent_state_in_or_out(bundle_dir):
 
 
 def test_onnx_runtime_fuses_every_rms_norm(bundle_dir, tmp_path):
-    """Each block's two norms, the final norm and each MoM layer's gated output norm become one
+    """Each block's two norms, the final norm, and each MoM layer's gated output norm and q/k L2 norm become one
     SimplifiedLayerNormalization node each after ONNX Runtime's graph optimizer (fewer launches per step)."""
-    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -155,7 +155,7 @@ def test_onnx_runtime_fuses_every_rms_norm(bundle_dir, tmp_path):
     ort.InferenceSession(str(bundle_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     nodes = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
     fused = sum(n.op_type == "SimplifiedLayerNormalization" for n in nodes)
-    assert fused == 2 * 2 + 1 + 2, fused  # tiny: 2 MoM layers
+    assert fused == 2 * 2 + 1 + 2 * 2, fused  # tiny: 2 MoM layers
 
 
 def test_eager_compile_and_onnx_write_the_same_greedy_text(run_dir, bundle_dir):
@@ -193,6 +193,8 @@ def test_bad_export_inputs_are_one_line_errors(run_dir, tmp_path):
                           "--dtype bf16", "fp32")
     assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--opset", "17"),
                           "--opset 17", "18 to 23")
+    assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--ops", "cuda"),
+                          "--ops cuda", "standard")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(MomctlError, match="not an empty folder"):
@@ -217,6 +219,14 @@ def test_a_bundle_that_does_not_match_its_manifest_is_refused(bundle_dir, tmp_pa
     manifest["inputs"][2]["name"] = "past_key_values.0.conv"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MomctlError, match="'past_key_values.0.conv'"):
+        OnnxBundle(bad, device="cpu")
+    manifest["inputs"][2]["name"] = "past_key_values.0.conv_state"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    graph = onnx.load(str(bad / "model.onnx"))
+    for node in graph.graph.node:  # as an onnxruntime without the fused ops sees the graph
+        node.op_type = node.op_type.replace("LinearAttention", "LinearAttentionV9")
+    onnx.save(graph, str(bad / "model.onnx"))
+    with pytest.raises(MomctlError, match="fused recurrent ops .* upgrade onnxruntime .* --ops standard"):
         OnnxBundle(bad, device="cpu")
     (bad / "model.onnx").write_bytes(b"not a graph")
     with pytest.raises(MomctlError, match="cannot load"):
@@ -248,9 +258,10 @@ def _onnxruntime_has_cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
-def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path):
+@pytest.mark.parametrize("ops", ["onnxruntime", "standard"])
+def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path, ops):
     model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
-    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
+    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4, ops=ops)
     errors = fed_back_errors(model, OnnxBundle(tmp_path / "b", device="cuda"))
     assert max(errors) < 2e-2, errors
 

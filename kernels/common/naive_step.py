@@ -33,15 +33,7 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     x = proj.to(torch.promote_types(proj.dtype, torch.float32))
     f = x.dtype
 
-    if E > 1:
-        probs_BE = x[:, columns.gate:columns.gate + E].softmax(-1)
-        top_w, top_i = probs_BE.topk(top_k, dim=-1)
-        weight_BE = torch.zeros_like(probs_BE).scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
-        touched_BE = torch.zeros_like(probs_BE, dtype=torch.bool).scatter(-1, top_i, True)
-    else:
-        weight_BE, touched_BE = x.new_ones(B, 1), torch.ones(B, 1, dtype=torch.bool, device=x.device)
-    weight_BS = torch.cat([weight_BE, x.new_ones(B, S - E)], dim=1)
-    touched_BS = torch.cat([touched_BE, touched_BE.new_ones(B, S - E)], dim=1)
+    weight_BS, touched_BS = routing_weights(x, columns, E, top_k, S)
 
     def block(start: int, width: int) -> Tensor:
         """Columns start .. start + S * width as `[B, S, width]`."""
@@ -79,6 +71,23 @@ def mom_step_ref(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     if conv_out is not None:
         return o, memory.copy_(new_memory), conv_out.copy_(new_conv)
     return o, new_memory, new_conv
+
+
+def routing_weights(x: Tensor, columns, num_memories: int, top_k: int, num_slots: int) -> tuple[Tensor, Tensor]:
+    """Each slot's mixing weight `[B, S]` and whether the token reaches it (bool `[B, S]`), from the router logits
+    in the packed projection x: softmax over the E memories, top k renormalised (ties as torch.topk breaks them),
+    untouched memories 0; the shared slot (s >= E) always, weight 1."""
+    B, E = x.shape[0], num_memories
+    if E > 1:
+        probs_BE = x[:, columns.gate:columns.gate + E].softmax(-1)
+        top_w, top_i = probs_BE.topk(top_k, dim=-1)
+        weight_BE = torch.zeros_like(probs_BE).scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
+        touched_BE = torch.zeros_like(probs_BE, dtype=torch.bool).scatter(-1, top_i, True)
+    else:
+        weight_BE, touched_BE = x.new_ones(B, 1), torch.ones(B, 1, dtype=torch.bool, device=x.device)
+    weight_BS = torch.cat([weight_BE, x.new_ones(B, num_slots - E)], dim=1)
+    touched_BS = torch.cat([touched_BE, touched_BE.new_ones(B, num_slots - E)], dim=1)
+    return weight_BS, touched_BS
 
 
 def _l2norm(x: Tensor) -> Tensor:

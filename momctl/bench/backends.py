@@ -6,7 +6,8 @@
   replays a CUDA graph per chunk (`momctl.prefill.GraphedPrefill`) where the model allows, as `momctl generate`.
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
-  its state is handed to the bundle's layout. The bundle is deleted with the step.
+  its state is handed to the bundle's layout. The bundle is deleted with the step. `onnx` exports with ONNX
+  Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-standard` with standard ONNX ops only.
 
 At layer scope (`--layer --mode decode`) the step is one layer's (bench/layer_decode.py) on random activations:
 eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only: under
@@ -33,8 +34,9 @@ StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 def check_backend(backend: str) -> None:
     """MomctlError now, before any measurement, when `backend` cannot run here (settings.py checks the name)."""
-    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-        raise MomctlError("--backend onnx needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu for CUDA)")
+    if backend.startswith("onnx") and importlib.util.find_spec("onnxruntime") is None:
+        raise MomctlError(f"--backend {backend} needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu for "
+                          f"CUDA)")
 
 
 def step_function(subject: Subject, backend: str, capacity: int) -> StepFn:
@@ -48,9 +50,10 @@ def step_function(subject: Subject, backend: str, capacity: int) -> StepFn:
         return _compiled_step(subject, capacity)
     if subject.scope == "layer":
         raise Unavailable("the onnx backend exports whole models; use --model")
-    key = ("onnx", capacity if subject.config.attention_layers else 0)  # a MoM state does not grow: one export
+    key = (backend, capacity if subject.config.attention_layers else 0)  # a MoM state does not grow: one export
     if key not in subject.backends:
-        subject.backends[key] = OnnxStep(subject.module, capacity)
+        subject.backends[key] = OnnxStep(subject.module, capacity, "standard" if backend == "onnx-standard"
+                                         else "onnxruntime")
     return subject.backends[key]
 
 
@@ -94,7 +97,7 @@ class OnnxStep:
     """The model as an ONNX bundle under ONNX Runtime, stepped like `MoMForCausalLM.step`: `state` is the torch
     prefill state on the first call, then the returned `OnnxState` (the runtime's ping-pong buffers)."""
 
-    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+    def __init__(self, model: torch.nn.Module, capacity: int, ops: str) -> None:
         from ..export.onnx_export import DEFAULT_MAX_LENGTH, export_bundle
         from ..export.runtime import OnnxBundle
         from ..tokenizers import ByteTokenizer
@@ -106,7 +109,7 @@ class OnnxStep:
         try:
             export_bundle(cpu_model, ByteTokenizer(), self._folder / "bundle", dtype="fp16" if on_cuda else "fp32",
                           max_length=capacity if model.config.attention_layers else DEFAULT_MAX_LENGTH,
-                          verify_steps=2)
+                          verify_steps=2, ops=ops)
             self.bundle = OnnxBundle(self._folder / "bundle", device="cuda" if on_cuda else "cpu")
         except BaseException:
             self.close()

@@ -50,7 +50,8 @@ def bench(
     dtype: Annotated[str, _opt("auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16.",
                                "--dtype")] = "auto",
     device: Device = "auto",
-    backend: Annotated[str, _opt("Decoding step of decode/generate: eager, compile, onnx.", "--backend")] = "eager",
+    backend: Annotated[str, _opt("Decoding step of decode/generate: eager, compile, onnx (ONNX Runtime's fused "
+                                 "ops), onnx-standard (standard ONNX ops).", "--backend")] = "eager",
     baseline: Annotated[str | None, _opt("Model the speed-ups are relative to (default: transformer).",
                                          "--baseline")] = None,
     repeats: Annotated[int | None, _opt("Timed calls per cell (default 10 on a GPU, 3 on a CPU).",

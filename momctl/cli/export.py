@@ -24,10 +24,15 @@ def onnx(
                                                                  "(prompt + generated tokens).")] = DEFAULT_MAX_LENGTH,
     verify_steps: Annotated[int, typer.Option("--verify-steps", help="Fed-back steps checked against PyTorch "
                                                                      "in ONNX Runtime.")] = 16,
+    ops: Annotated[str, typer.Option("--ops", help="onnxruntime: MoM layers on ONNX Runtime's fused recurrent ops "
+                                                   "(fast); standard: standard ONNX ops only (any runtime).")]
+    = "onnxruntime",
 ) -> None:
     """Export the static decoding step (one token per sequence, state in and out) to OUT/model.onnx."""
-    report = export_onnx(checkpoint, out, dtype=dtype, opset=opset, max_length=max_length, verify_steps=verify_steps)
-    err.print(f"exported {report.dtype} opset {report.opset} ({report.model_bytes / 2**20:.1f} MiB) in "
+    report = export_onnx(checkpoint, out, dtype=dtype, opset=opset, max_length=max_length, verify_steps=verify_steps,
+                         ops=ops)
+    err.print(f"exported {report.dtype} opset {report.opset}, {report.ops} ops ({report.model_bytes / 2**20:.1f} "
+              f"MiB) in "
               f"{report.seconds:.1f} s; ONNX Runtime matches PyTorch over {report.verify_steps} steps (max relative "
               f"error {report.max_rel_error:.1e})", highlight=False)
     print(report.folder)

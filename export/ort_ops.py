@@ -1,0 +1,130 @@
+"""ONNX Runtime's fused recurrent ops (domain `com.microsoft`) as torch custom ops that export to one ONNX node each.
+
+`LinearAttention` (one token of the update rules on a `[B, heads, K, V]` state), `CausalConvWithState` (depthwise
+causal conv + SiLU with its window) and `LinearAttentionGate` (the decay and beta gates) have CPU and CUDA kernels
+in ONNX Runtime (1.24 and later). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel (written
+out below; the tests check both against `mom_step_ref`), traces as one opaque node under torch.export, and
+`TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
+
+Shapes as ONNX Runtime takes them: B batch, N heads (all slots' heads), K key dim, V value dim, C channels, W filter
+width; a `[B, 1, N*K]` tensor is one token's heads packed along the last axis.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DOMAIN = "com.microsoft"
+_OPSET = onnxscript.values.Opset(DOMAIN, 1)
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def _schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
+            attributes: dict[str, onnx.defs.OpSchema.AttrType], types: dict[str, list[str]]) -> onnx.defs.OpSchema:
+    """The op's signature as ONNX Runtime registers it (onnx itself does not know the domain): inputs as
+    (name, type, optional)."""
+    param = onnx.defs.OpSchema.FormalParameter
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    single = onnx.defs.OpSchema.FormalParameterOption.Single
+    return onnx.defs.OpSchema(
+        name, DOMAIN, 1,
+        inputs=[param(n, t, param_option=optional if opt else single) for n, t, opt in inputs],
+        outputs=[param(n, t) for n, t in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+        attributes=[onnx.defs.OpSchema.Attribute(a, kind, "", required=False) for a, kind in attributes.items()])
+
+
+_ATTR = onnx.defs.OpSchema.AttrType
+_LINEAR_ATTENTION = onnxscript.values.Op(_OPSET, "LinearAttention", _schema(
+    "LinearAttention",
+    [("query", "T", False), ("key", "T", False), ("value", "T", False), ("past_state", "S", True),
+     ("decay", "T", True), ("beta", "T", True)],
+    [("output", "T"), ("present_state", "S")],
+    {"q_num_heads": _ATTR.INT, "kv_num_heads": _ATTR.INT, "update_rule": _ATTR.STRING, "scale": _ATTR.FLOAT},
+    {"T": _FLOATS, "S": _FLOATS}))
+_CAUSAL_CONV = onnxscript.values.Op(_OPSET, "CausalConvWithState", _schema(
+    "CausalConvWithState",
+    [("input", "T", False), ("weight", "T", False), ("bias", "T", True), ("past_state", "T", True)],
+    [("output", "T"), ("present_state", "T")], {"activation": _ATTR.STRING}, {"T": _FLOATS}))
+_GATE = onnxscript.values.Op(_OPSET, "LinearAttentionGate", _schema(
+    "LinearAttentionGate",
+    [("a", "T", False), ("dt_bias", "TF", False), ("decay_scale", "TF", False), ("b", "T", True)],
+    [("decay", "T"), ("beta", "T")], {}, {"T": _FLOATS, "TF": ["tensor(float)"]}))
+
+UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
+
+
+@torch.library.custom_op("momctl_ort::linear_attention", mutates_args=())
+def linear_attention(query: Tensor, key: Tensor, value: Tensor, past_state: Tensor, decay: Tensor | None,
+                     beta: Tensor | None, update_rule: str) -> tuple[Tensor, Tensor]:
+    """One token of `update_rule` for every head: with alpha = exp(decay) (1 without) and beta (1 without),
+    S' = alpha S + k (beta (v - alpha S^T k))^T for the delta rules, S' = alpha S + k v^T otherwise;
+    o = K^-0.5 q^T S'. Takes q, k `[B, 1, N*K]`, v `[B, 1, N*V]`, the state `[B, N, K, V]`, decay and beta
+    `[B, 1, N]`; returns o `[B, 1, N*V]` and S'."""
+    B, N, K, V = past_state.shape
+    q, k, v = query.reshape(B, N, K), key.reshape(B, N, K), value.reshape(B, N, V)
+    state = past_state
+    if decay is not None:
+        state = decay.reshape(B, N, 1, 1).exp() * state
+    u = v
+    if update_rule in ("delta", "gated_delta"):
+        u = beta.reshape(B, N, 1) * (v - torch.einsum("bnk,bnkv->bnv", k, state))
+    new_state = state + k[..., None] * u[:, :, None]
+    o = torch.einsum("bnk,bnkv->bnv", q, new_state) * K ** -0.5
+    return o.reshape(B, 1, N * V), new_state
+
+
+@linear_attention.register_fake
+def _(query, key, value, past_state, decay, beta, update_rule):
+    return value.new_empty(value.shape), torch.empty_like(past_state)
+
+
+def _linear_attention_onnx(query, key, value, past_state, decay, beta, update_rule: str):
+    heads = past_state.shape[1]
+    return _LINEAR_ATTENTION(query, key, value, past_state, decay, beta, q_num_heads=heads, kv_num_heads=heads,
+                             update_rule=update_rule, _num_outputs=2)
+
+
+@torch.library.custom_op("momctl_ort::causal_conv_silu", mutates_args=())
+def causal_conv_silu(x: Tensor, weight: Tensor, past_state: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of a depthwise causal conv + SiLU: x `[B, C, 1]`, weight `[C, 1, W]`, the window `[B, C, W-1]`;
+    returns y = SiLU(sum_j w_j [window, x]_j) `[B, C, 1]` and the window moved on by x."""
+    full = torch.cat([past_state, x], dim=-1)
+    return F.silu((full * weight[:, 0]).sum(-1, keepdim=True)), full[..., 1:]
+
+
+@causal_conv_silu.register_fake
+def _(x, weight, past_state):
+    return torch.empty_like(x), torch.empty_like(past_state)
+
+
+def _causal_conv_silu_onnx(x, weight, past_state):
+    return _CAUSAL_CONV(x, weight, None, past_state, activation="silu", _num_outputs=2)
+
+
+@torch.library.custom_op("momctl_ort::decay_gate", mutates_args=())
+def decay_gate(a: Tensor, dt_bias: Tensor, decay_scale: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """decay = decay_scale * softplus(a + dt_bias) and beta = sigmoid(b), for a, b `[B, 1, N]` and per-head fp32
+    dt_bias, decay_scale `[N]`."""
+    return (decay_scale * F.softplus(a + dt_bias)).to(a.dtype), b.sigmoid()
+
+
+@decay_gate.register_fake
+def _(a, dt_bias, decay_scale, b):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _decay_gate_onnx(a, dt_bias, decay_scale, b):
+    return _GATE(a, dt_bias, decay_scale, b, _num_outputs=2)
+
+
+# torch.onnx.export's custom_translation_table
+TRANSLATIONS = {
+    torch.ops.momctl_ort.linear_attention.default: _linear_attention_onnx,
+    torch.ops.momctl_ort.causal_conv_silu.default: _causal_conv_silu_onnx,
+    torch.ops.momctl_ort.decay_gate.default: _decay_gate_onnx,
+}

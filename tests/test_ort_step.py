@@ -1,0 +1,117 @@
+"""The exported graphs' MoM step on ONNX Runtime's fused ops (export/ort_step.py): in PyTorch it is the reference
+step's function for every update rule and conv scope, untouched slots stay bit for bit, and each fused op's PyTorch
+semantics are ONNX Runtime's (one-op graphs run in ONNX Runtime's CPU kernels)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import random_model, rel_err, small_config
+from test_step import FAMILIES
+
+from momctl import StepState
+from momctl.export.ort_ops import TRANSLATIONS, UPDATE_RULES, causal_conv_silu, decay_gate, linear_attention
+from momctl.export.ort_step import mom_step_ort
+from momctl.export.step import decode_step
+from momctl.state import KVCache, MemoryState
+
+
+def to_graph_layout(state: StepState) -> StepState:
+    """A StepState with the MoM layers' tensors in the graph's layouts, without a dtype change."""
+    layers = []
+    for layer in state.layers:
+        if isinstance(layer, KVCache):
+            layers.append(layer)
+        else:
+            B, S, W1, C = layer.conv.shape
+            layers.append(MemoryState(layer.memory.flatten(1, 2), layer.conv.transpose(2, 3).reshape(B, S * C, W1)))
+    return StepState(layers, state.positions, state.cache_length)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_op_step_is_the_reference_step(family):
+    """Logits and every state tensor equal the reference step's over fed-back steps after a prefill (fp64)."""
+    model = random_model(small_config(**FAMILIES[family]))
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
+    _, prefilled = model.prefill(ids[:, :5])
+    state = StepState.from_inference(prefilled, capacity=16 if model.config.attention_layers else None)
+    graph_state = to_graph_layout(state)
+    with torch.no_grad():
+        for t in range(5, 10):
+            want, state = model.step(ids[:, t], state)
+            got, graph_state = decode_step(model, ids[:, t], graph_state, memory_step=mom_step_ort)
+            assert rel_err(got, want) < 1e-12, (family, t)
+            for a, b in zip(graph_state.tensors(), to_graph_layout(state).tensors(), strict=True):
+                assert rel_err(a, b) < 1e-12, (family, t)
+
+
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule):
+    model = random_model(small_config(num_memories=4, top_k=1, update_rule=rule))
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    _, prefilled = model.prefill(ids[:, :6])
+    before = to_graph_layout(StepState.from_inference(prefilled))
+    with torch.no_grad():
+        _, after = decode_step(model, ids[:, 6], before, memory_step=mom_step_ort)
+    c = model.config
+    memory = before.layers[0].memory.unflatten(1, (c.num_slots, c.num_heads))
+    new_memory = after.layers[0].memory.unflatten(1, (c.num_slots, c.num_heads))
+    conv, new_conv = (s.layers[0].conv.unflatten(1, (c.num_slots, -1)) for s in (before, after))
+    for b in range(3):
+        changed = [not torch.equal(memory[b, s], new_memory[b, s]) for s in range(c.num_slots)]
+        moved = [not torch.equal(conv[b, s], new_conv[b, s]) for s in range(c.num_slots)]
+        assert sum(changed[:4]) == 1 and changed[4] and moved == changed, (b, changed, moved)
+
+
+def export_and_run(module: torch.nn.Module, args: tuple, tmp_path) -> list[np.ndarray]:
+    """The module exported with TRANSLATIONS, run in ONNX Runtime's CPU kernels on args."""
+    path = tmp_path / "op.onnx"
+    torch.onnx.export(module, args, dynamo=True, custom_translation_table=TRANSLATIONS).save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+
+
+class OneOp(torch.nn.Module):
+    def __init__(self, op, *extra):
+        super().__init__()
+        self.op, self.extra = op, extra
+
+    def forward(self, *args):
+        return self.op(*args, *self.extra)
+
+
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+def test_linear_attention_is_onnx_runtimes(rule, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    B, N, K, V = 2, 3, 8, 6
+    q, k = (torch.nn.functional.normalize(torch.randn(B, 1, N, K, generator=gen), dim=-1).reshape(B, 1, N * K)
+            for _ in range(2))
+    v, state = torch.randn(B, 1, N * V, generator=gen), torch.randn(B, N, K, V, generator=gen)
+    decay = -torch.rand(B, 1, N, generator=gen) if "gated" in rule else None
+    beta = torch.rand(B, 1, N, generator=gen) if "delta" in rule else None
+    tensors = [t for t in (q, k, v, state, decay, beta)]
+
+    class Op(torch.nn.Module):  # absent decay/beta stay absent in the graph
+        def forward(self, q, k, v, state, *rest):
+            rest = iter(rest)
+            return linear_attention(q, k, v, state, next(rest) if decay is not None else None,
+                                    next(rest) if beta is not None else None, rule)
+
+    args = tuple(t for t in tensors if t is not None)
+    got = export_and_run(Op(), args, tmp_path)
+    want = Op()(*args)
+    assert all(rel_err(torch.from_numpy(g), w) < 1e-6 for g, w in zip(got, want, strict=True))
+
+
+def test_conv_and_gate_are_onnx_runtimes(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    x, weight, window = torch.randn(2, 5, 1, generator=gen), torch.randn(5, 1, 4, generator=gen), torch.randn(
+        2, 5, 3, generator=gen)
+    got = export_and_run(OneOp(causal_conv_silu), (x, weight, window), tmp_path)
+    assert all(rel_err(torch.from_numpy(g), w) < 1e-6 for g, w in zip(got, causal_conv_silu(x, weight, window),
+                                                                         strict=True))
+    a, b = torch.randn(2, 1, 6, generator=gen), torch.randn(2, 1, 6, generator=gen)
+    dt_bias, decay_scale = torch.randn(6, generator=gen), -torch.rand(6, generator=gen)
+    got = export_and_run(OneOp(decay_gate), (a, dt_bias, decay_scale, b), tmp_path)
+    assert all(rel_err(torch.from_numpy(g), w) < 1e-6 for g, w in zip(got, decay_gate(a, dt_bias, decay_scale, b),
+                                                                         strict=True))
