@@ -99,7 +99,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
     if not config.attention_layers and max_length != DEFAULT_MAX_LENGTH:
         warnings.warn(f"--max-length {max_length} has no effect: the model has no attention layers, and its state "
                       f"does not grow with the length", stacklevel=2)
-    inputs, outputs = io_specs(config, capacity)
+    inputs, outputs = io_specs(config, capacity, ops)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,14 +110,14 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
             from None
     try:
         model_bytes = _export_graph(model, tmp / MODEL_FILE, inputs, outputs, capacity, opset, ops)
-        max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype])
+        max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype], ops)
         save_tokenizer(tokenizer, tmp)
         manifest = {
             "format": FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset, "ops": ops,
             "max_length": capacity or None, "config": config.to_dict(), "config_sha256": config_sha256(config),
             "source": source, "tokenizer": describe_tokenizer(tokenizer),
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
-            "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity)],
+            "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity, ops)],
             "verification": {"steps": verify_steps, "provider": "CPUExecutionProvider", "max_rel_error": max_err,
                              "tolerance": TOLERANCE[dtype]},
         }
@@ -166,7 +166,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def _export_graph(model, path: Path, inputs, outputs, capacity: int, opset: int, ops: str) -> int:
     """Write the graph to `path` (weights as external data past EXTERNAL_DATA_BYTES). Returns its bytes."""
     state = StepState.from_inference(model.init_state(EXAMPLE_BATCH), capacity=capacity or None)
-    args = (torch.zeros(EXAMPLE_BATCH, dtype=torch.long), *to_onnx_layout(state))
+    args = (torch.zeros(EXAMPLE_BATCH, dtype=torch.long), *to_onnx_layout(state, ops))
     batch = torch.export.Dim("batch", min=1, max=MAX_TRACED_BATCH)
     dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in args[1:]))
     # The exporter logs that torchvision is absent (its ops are not needed here) and warns about its own internals.
@@ -192,7 +192,7 @@ def _opset_of(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolerance: float) -> float:
+def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolerance: float, ops: str) -> float:
     """Run `steps` fed-back steps of the graph at `path` in ONNX Runtime (CPU) and of `decode_step` in PyTorch from
     an empty state, on the same random tokens (batch EXAMPLE_BATCH + 1, not the traced batch); MomctlError when any
     step's logits differ by more than `tolerance` (relative). Returns the largest relative error."""
@@ -204,7 +204,7 @@ def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolera
     tokens = torch.randint(0, c.vocab_size, (steps, B), generator=torch.Generator().manual_seed(0))
     state = StepState.from_inference(model.init_state(B), capacity=capacity or None)
     names = [i.name for i in session.get_inputs()]
-    past = [t.numpy() for t in to_onnx_layout(state)]
+    past = [t.numpy() for t in to_onnx_layout(state, ops)]
     worst = 0.0
     for t in range(steps):
         with torch.no_grad():

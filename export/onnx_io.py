@@ -2,10 +2,14 @@
 graph's body, `decode_step` between the ONNX layouts and `StepState`.
 
 Names follow onnxruntime-genai's convention for recurrent models: per layer i, a MoM layer reads
-`past_key_values.{i}.recurrent_state` `[B, S*H, K, V]` and `past_key_values.{i}.conv_state` `[B, S*C, W-1]` and writes
+`past_key_values.{i}.recurrent_state` and `past_key_values.{i}.conv_state` `[B, S*C, W-1]` and writes
 `present.{i}.recurrent_state` / `present.{i}.conv_state`; an attention layer reads `past_key_values.{i}.key` /
 `.value` `[B, h, L, d]` and writes `present.{i}.key` / `.value`, and then `position_ids [B]` (the real tokens each
 sequence has seen) is an input. Only the batch axis is dynamic.
+
+The memories are `[B, S*H, K, V]` in standard-op graphs. Graphs on ONNX Runtime's fused ops take them transposed, as
+`[B, S*H*V, K, 1]` (one key vector per value column): ONNX Runtime's decode kernel at K = 256 reads a state column
+with each thread of a warp on another row, which is a coalesced read only when a row is one element wide.
 
 Legend: B batch, W vocabulary, S slots (E routed memories + the shared one), H heads, K key head dim, V value head
 dim, C conv channels of one slot, h key/value heads of an attention layer, L KV-cache capacity, d its head dim.
@@ -46,8 +50,9 @@ class StateSpec:
     dtype: str = "float32"
 
 
-def state_specs(config: ModelConfig, capacity: int) -> list[StateSpec]:
-    """The state tensors of every layer, in graph order (`capacity` = L, the KV positions of attention layers)."""
+def state_specs(config: ModelConfig, capacity: int, ops: str) -> list[StateSpec]:
+    """The state tensors of every layer, in graph order (`capacity` = L, the KV positions of attention layers;
+    `ops` the graph's ops, which set the memories' layout)."""
     c = config
     specs = []
     for i in range(c.num_layers):
@@ -59,16 +64,24 @@ def state_specs(config: ModelConfig, capacity: int) -> list[StateSpec]:
             conv_channels = 2 * c.key_dim + c.value_dim
             specs += [
                 StateSpec(f"past_key_values.{i}.recurrent_state", f"present.{i}.recurrent_state",
-                          (BATCH, c.num_slots * c.num_heads, c.head_dim, c.head_v_dim)),
+                          memory_shape(c, ops)),
                 StateSpec(f"past_key_values.{i}.conv_state", f"present.{i}.conv_state",
                           (BATCH, c.num_slots * conv_channels, c.conv_size - 1)),
             ]
     return specs
 
 
-def io_specs(config: ModelConfig, capacity: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def memory_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
+    """A MoM layer's memories in the graph: `[B, S*H, K, V]`, or transposed `[B, S*H*V, K, 1]` on the fused ops."""
+    c = config
+    if ops == "onnxruntime":
+        return BATCH, c.num_slots * c.num_heads * c.head_v_dim, c.head_dim, 1
+    return BATCH, c.num_slots * c.num_heads, c.head_dim, c.head_v_dim
+
+
+def io_specs(config: ModelConfig, capacity: int, ops: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs, in order."""
-    states = state_specs(config, capacity)
+    states = state_specs(config, capacity, ops)
     inputs = [TensorSpec("input_ids", (BATCH,), "int64")]
     if config.attention_layers:
         inputs.append(TensorSpec("position_ids", (BATCH,), "int64"))
@@ -78,8 +91,9 @@ def io_specs(config: ModelConfig, capacity: int) -> tuple[list[TensorSpec], list
     return inputs, outputs
 
 
-def to_onnx_layout(state: StepState) -> list[torch.Tensor]:
-    """A `StepState`'s tensors in graph-input order and layouts (fp32; positions first when there is attention)."""
+def to_onnx_layout(state: StepState, ops: str) -> list[torch.Tensor]:
+    """A `StepState`'s tensors in graph-input order and the layouts of a graph on `ops` (fp32; positions first when
+    there is attention)."""
     flat = [state.positions] if any(isinstance(layer, KVCache) for layer in state.layers) else []
     for layer in state.layers:
         if isinstance(layer, KVCache):
@@ -88,6 +102,8 @@ def to_onnx_layout(state: StepState) -> list[torch.Tensor]:
             memory = layer.memory.float()  # [B, S, H, K, V], or already [B, S*H, K, V] (OnnxStep's)
             if memory.dim() == 5:
                 memory = memory.flatten(1, 2)
+            if ops == "onnxruntime":
+                memory = memory.transpose(-1, -2).reshape(memory.shape[0], -1, memory.shape[-2], 1)
             flat += [memory, layer.conv.float().transpose(2, 3).reshape(layer.conv.shape[0], -1, layer.conv.shape[2])]
     return flat
 
@@ -105,6 +121,7 @@ class OnnxStep(nn.Module):
         super().__init__()
         self.model = model
         self.has_attention = bool(model.config.attention_layers)
+        self.ops = ops
         self.memory_step = mom_step_ort if ops == "onnxruntime" else None
 
     def forward(self, input_ids: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -128,5 +145,5 @@ class OnnxStep(nn.Module):
             present = [t for layer in new_state.layers for t in (
                 (layer.keys, layer.values) if isinstance(layer, KVCache) else (layer.memory, layer.conv))]
         else:
-            present = to_onnx_layout(new_state)[1 if self.has_attention else 0:]
+            present = to_onnx_layout(new_state, self.ops)[1 if self.has_attention else 0:]
         return (logits.float(), *present)

@@ -61,21 +61,24 @@ UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
 @torch.library.custom_op("momctl_ort::linear_attention", mutates_args=())
 def linear_attention(query: Tensor, key: Tensor, value: Tensor, past_state: Tensor, decay: Tensor | None,
                      beta: Tensor | None, update_rule: str) -> tuple[Tensor, Tensor]:
-    """One token of `update_rule` for every head: with alpha = exp(decay) (1 without) and beta (1 without),
+    """One token of `update_rule` for every head n: with alpha = exp(decay) (1 without) and beta (1 without),
     S' = alpha S + k (beta (v - alpha S^T k))^T for the delta rules, S' = alpha S + k v^T otherwise;
-    o = K^-0.5 q^T S'. Takes q, k `[B, 1, N*K]`, v `[B, 1, N*V]`, the state `[B, N, K, V]`, decay and beta
-    `[B, 1, N]`; returns o `[B, 1, N*V]` and S'."""
-    B, N, K, V = past_state.shape
-    q, k, v = query.reshape(B, N, K), key.reshape(B, N, K), value.reshape(B, N, V)
+    o = K^-0.5 q^T S'. Takes the state `[B, N, K, D]`, v `[B, 1, N*D]`, decay and beta `[B, 1, N]`, and q, k
+    `[B, 1, M*K]` for M heads dividing N: head n reads q and k head n // (N / M) (ONNX Runtime's grouped heads).
+    Returns o `[B, 1, N*D]` and S'."""
+    B, N, K, D = past_state.shape
+    M = query.shape[-1] // K
+    q, k = (t.reshape(B, M, 1, K).expand(B, M, N // M, K).reshape(B, N, K) for t in (query, key))
+    v = value.reshape(B, N, D)
     state = past_state
     if decay is not None:
         state = decay.reshape(B, N, 1, 1).exp() * state
     u = v
     if update_rule in ("delta", "gated_delta"):
-        u = beta.reshape(B, N, 1) * (v - torch.einsum("bnk,bnkv->bnv", k, state))
+        u = beta.reshape(B, N, 1) * (v - torch.einsum("bnk,bnkd->bnd", k, state))
     new_state = state + k[..., None] * u[:, :, None]
-    o = torch.einsum("bnk,bnkv->bnv", q, new_state) * K ** -0.5
-    return o.reshape(B, 1, N * V), new_state
+    o = torch.einsum("bnk,bnkd->bnd", q, new_state) * K ** -0.5
+    return o.reshape(B, 1, N * D), new_state
 
 
 @linear_attention.register_fake
@@ -84,8 +87,8 @@ def _(query, key, value, past_state, decay, beta, update_rule):
 
 
 def _linear_attention_onnx(query, key, value, past_state, decay, beta, update_rule: str):
-    heads = past_state.shape[1]
-    return _LINEAR_ATTENTION(query, key, value, past_state, decay, beta, q_num_heads=heads, kv_num_heads=heads,
+    return _LINEAR_ATTENTION(query, key, value, past_state, decay, beta,
+                             q_num_heads=query.shape[-1] // past_state.shape[2], kv_num_heads=past_state.shape[1],
                              update_rule=update_rule, _num_outputs=2)
 
 

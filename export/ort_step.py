@@ -4,7 +4,9 @@ hundred nodes.
 
 Every slot goes through the ops; a slot the token does not reach gets decay 0 and beta 0 (k 0 for rules without
 beta), so `LinearAttention` leaves its memory bit for bit, and its conv window is put back by one select. The state
-keeps the graph's layouts: memories `[B, S*H, K, V]`, conv windows `[B, S*C, W-1]` (slot-major channels).
+keeps the graph's layouts: memories transposed, `[B, S*H*V, K, 1]` (each value column of each head is one
+`LinearAttention` head of value width 1 that reads its head's q and k: ONNX Runtime's decode kernel then reads the
+state coalesced), conv windows `[B, S*C, W-1]` (slot-major channels).
 
 Legend: B batch, P packed projection columns, E routed memories, S slots, H heads, K key dim, V value dim,
 C conv channels of one slot (q | k | v), W filter width.
@@ -23,13 +25,16 @@ from .ort_ops import causal_conv_silu, decay_gate, linear_attention
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
                  dt_bias: Tensor | None, memory: Tensor, conv: Tensor, *, num_memories: int, top_k: int, delta: bool,
                  conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """`mom_step_ref`'s function with the memories `[B, S*H, K, V]` and the conv windows `[B, S*C, W-1]`: returns
-    the slots' weighted outputs `[B, S, H, V]` (0 for untouched slots), the new memories and the new windows."""
-    B, SH, K, V = memory.shape
-    SC = conv.shape[1]
-    S = SC // sum(w.shape[0] for w in conv_weights)
-    H = SH // S
-    HK, HV = H * K, H * V
+    """`mom_step_ref`'s function with the memories `[B, S*H*V, K, 1]` and the conv windows `[B, S*C, W-1]`:
+    returns the slots' weighted outputs `[B, S, H, V]` (0 for untouched slots), the new memories and the new
+    windows."""
+    B, SC = conv.shape[:2]
+    K = memory.shape[2]
+    q_weight, k_weight, v_weight = conv_weights
+    S = SC // (q_weight.shape[0] + k_weight.shape[0] + v_weight.shape[0])
+    HK, HV = q_weight.shape[0], v_weight.shape[0]
+    H = HK // K
+    V, SH = HV // H, S * H
     x = proj.to(torch.promote_types(proj.dtype, torch.float32))
     weight_BS, touched_BS = routing_weights(x, columns, num_memories, top_k, S)
 
@@ -51,6 +56,11 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     q, k = qk.reshape(B, S, 2, HK).unbind(2)
     v = y[..., 2 * HK:]
     touched = touched_BS[..., None]
+
+    def per_column(x_BSH: Tensor) -> Tensor:
+        """`[B, S, H]` -> `[B, 1, S*H*V]`: the value for each of a head's value columns (the memories' heads)."""
+        return x_BSH[..., None].expand(B, S, H, V).reshape(B, 1, SH * V)
+
     a_B1N = block(columns.a, H).reshape(B, 1, SH) if A_log is not None else None
     b_B1N = block(columns.b, H).reshape(B, 1, SH) if delta else None
     decay = beta = None
@@ -60,13 +70,14 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
             decay, beta = decay_gate(a_B1N, dt_bias, decay_scale, b_B1N)
         else:
             decay = decay_scale * F.softplus(a_B1N + dt_bias)
-        decay = torch.where(touched, decay.reshape(B, S, H), 0).reshape(B, 1, SH)
+        decay = per_column(torch.where(touched, decay.reshape(B, S, H), 0))
     if delta:
         beta = b_B1N.sigmoid() if beta is None else beta
-        beta = torch.where(touched, beta.reshape(B, S, H), 0).reshape(B, 1, SH)
+        beta = per_column(torch.where(touched, beta.reshape(B, S, H), 0))
     else:
         k = torch.where(touched, k, 0)
     rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
     o, new_memory = linear_attention(q.reshape(B, 1, S * HK), k.reshape(B, 1, S * HK), v.reshape(B, 1, S * HV),
                                      memory, decay, beta, rule[A_log is not None, delta])
     return o.reshape(B, S, H, V) * weight_BS[..., None, None], new_memory, new_conv
+

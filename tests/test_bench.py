@@ -168,12 +168,14 @@ def test_onnx_backend_decodes_and_generates_through_onnx_runtime(monkeypatch):
 
     steps = []
     real = backends.OnnxStep
-    monkeypatch.setattr(backends, "OnnxStep", lambda model, capacity: steps.append(real(model, capacity)) or steps[-1])
+    monkeypatch.setattr(backends, "OnnxStep",
+                        lambda model, capacity, ops: steps.append(real(model, capacity, ops)) or steps[-1])
     doc = run_bench(settings(modes="decode,generate", models="mom,transformer", seq_lens="8", batch_sizes="1",
                              backend="onnx", repeats=2, new_tokens=4), ONE_LAYER_TINY, "preset tiny")
     assert [c["status"] for c in doc["results"]] == ["ok"] * 4, doc["results"]
     assert all(c["tokens_per_s"] > 0 for c in doc["results"])
     assert len(steps) == 3  # mom: one bundle; transformer: one per capacity (decode, generate)
+    assert all(step.bundle.manifest["ops"] == "onnxruntime" for step in steps)
     folders = [step._folder for step in steps]
     steps.clear()
     import gc
@@ -182,8 +184,10 @@ def test_onnx_backend_decodes_and_generates_through_onnx_runtime(monkeypatch):
     assert not any(folder.exists() for folder in folders)
 
 
-def test_onnx_step_continues_the_torch_prefill_exactly():
-    """The bundle's logits after a torch prefill equal the eager step's (fp32 on the CPU)."""
+@pytest.mark.parametrize("ops", ["onnxruntime", "standard"])
+def test_onnx_step_continues_the_torch_prefill_exactly(ops):
+    """The bundle's logits after a torch prefill equal the eager step's (fp32 on the CPU), in each graph's state
+    layouts."""
     from momctl.bench.backends import OnnxStep
 
     model = MoMForCausalLM(get_preset("tiny").replace(num_layers=2, attention_layers=(1,))).eval()
@@ -191,7 +195,7 @@ def test_onnx_step_continues_the_torch_prefill_exactly():
     with torch.no_grad():
         _, prefilled = model.prefill(ids[:, :8])
         want, _ = model.step(ids[:, 8], prefilled)
-    step = OnnxStep(model, capacity=16)
+    step = OnnxStep(model, capacity=16, ops=ops)
     got, _ = step(ids[:, 8], prefilled)
     step.close()
     assert (got - want).abs().max() / want.abs().max() < 1e-4

@@ -124,8 +124,9 @@ def test_manifest_names_follow_the_recurrent_convention(bundle_dir):
     assert names == ["input_ids", "past_key_values.0.recurrent_state", "past_key_values.0.conv_state",
                      "past_key_values.1.recurrent_state", "past_key_values.1.conv_state"]
     shapes = {spec["name"]: spec["shape"] for spec in manifest["inputs"] + manifest["outputs"]}
-    # tiny: E=4 + shared memory, H=2, K=V=32, conv channels 3*64 per slot, conv width 4.
-    assert shapes["past_key_values.0.recurrent_state"] == ["batch", 10, 32, 32]
+    # tiny: E=4 + shared memory, H=2, K=V=32, conv channels 3*64 per slot, conv width 4; the fused-op graph takes
+    # the memories transposed, one key vector per value column.
+    assert shapes["past_key_values.0.recurrent_state"] == ["batch", 10 * 32, 32, 1]
     assert shapes["past_key_values.0.conv_state"] == ["batch", 960, 3]
     assert shapes["logits"] == ["batch", 320] and shapes["present.1.conv_state"] == ["batch", 960, 3]
     assert manifest["state"][0] == {"input": "past_key_values.0.recurrent_state",

@@ -17,14 +17,17 @@ from momctl.state import KVCache, MemoryState
 
 
 def to_graph_layout(state: StepState) -> StepState:
-    """A StepState with the MoM layers' tensors in the graph's layouts, without a dtype change."""
+    """A StepState with the MoM layers' tensors in the fused-op graph's layouts, without a dtype change: memories
+    `[B, S*H*V, K, 1]`, conv windows `[B, S*C, W-1]`."""
     layers = []
     for layer in state.layers:
         if isinstance(layer, KVCache):
             layers.append(layer)
         else:
             B, S, W1, C = layer.conv.shape
-            layers.append(MemoryState(layer.memory.flatten(1, 2), layer.conv.transpose(2, 3).reshape(B, S * C, W1)))
+            memory = layer.memory.flatten(1, 2).transpose(-1, -2)
+            layers.append(MemoryState(memory.reshape(B, -1, memory.shape[-1], 1),
+                                      layer.conv.transpose(2, 3).reshape(B, S * C, W1)))
     return StepState(layers, state.positions, state.cache_length)
 
 
@@ -54,9 +57,8 @@ def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule):
     with torch.no_grad():
         _, after = decode_step(model, ids[:, 6], before, memory_step=mom_step_ort)
     c = model.config
-    memory = before.layers[0].memory.unflatten(1, (c.num_slots, c.num_heads))
-    new_memory = after.layers[0].memory.unflatten(1, (c.num_slots, c.num_heads))
-    conv, new_conv = (s.layers[0].conv.unflatten(1, (c.num_slots, -1)) for s in (before, after))
+    memory, new_memory, conv, new_conv = (getattr(s.layers[0], name).unflatten(1, (c.num_slots, -1))
+                                          for name in ("memory", "conv") for s in (before, after))
     for b in range(3):
         changed = [not torch.equal(memory[b, s], new_memory[b, s]) for s in range(c.num_slots)]
         moved = [not torch.equal(conv[b, s], new_conv[b, s]) for s in range(c.num_slots)]
@@ -81,10 +83,13 @@ class OneOp(torch.nn.Module):
 
 
 @pytest.mark.parametrize("rule", UPDATE_RULES)
-def test_linear_attention_is_onnx_runtimes(rule, tmp_path):
+@pytest.mark.parametrize("N,M,V", [(3, 3, 6), (12, 3, 1), (6, 2, 2)])
+def test_linear_attention_is_onnx_runtimes(rule, N, M, V, tmp_path):
+    """N heads of value width V reading M q/k heads (head n reads q/k head n // (N/M)), as the memories' value
+    columns read their head's q and k."""
     gen = torch.Generator().manual_seed(2)
-    B, N, K, V = 2, 3, 8, 6
-    q, k = (torch.nn.functional.normalize(torch.randn(B, 1, N, K, generator=gen), dim=-1).reshape(B, 1, N * K)
+    B, K = 2, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(B, 1, M, K, generator=gen), dim=-1).reshape(B, 1, M * K)
             for _ in range(2))
     v, state = torch.randn(B, 1, N * V, generator=gen), torch.randn(B, N, K, V, generator=gen)
     decay = -torch.rand(B, 1, N, generator=gen) if "gated" in rule else None

@@ -130,7 +130,8 @@ class OnnxStep:
 
         step_state = StepState.from_inference(state, capacity=self.capacity if self.bundle.max_length else None)
         names = (["position_ids"] if self.bundle.has_positions else []) + [p["input"] for p in self.bundle.state]
-        return {name: t.detach().cpu().numpy() for name, t in zip(names, to_onnx_layout(step_state), strict=True)}
+        flat = to_onnx_layout(step_state, self.bundle.manifest["ops"])
+        return {name: t.detach().cpu().numpy() for name, t in zip(names, flat, strict=True)}
 
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
