@@ -46,8 +46,8 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
                        block(columns.v, HV)], dim=-1)
     w_C1W = torch.cat(list(conv_weights)).to(x.dtype).repeat(S, 1, 1)
     y, moved = causal_conv_silu(u_BSC.reshape(B, SC, 1), w_C1W, conv)
-    advance_BS = touched_BS | conv_every_slot
-    new_conv = torch.where(advance_BS.repeat_interleave(SC // S, dim=1)[..., None], moved, conv)
+    new_conv = moved if conv_every_slot else torch.where(touched_BS.repeat_interleave(SC // S, dim=1)[..., None],
+                                                         moved, conv)
 
     y = y.reshape(B, S, -1)
     qk = y[..., :2 * HK].reshape(B, S, 2 * H, K)
