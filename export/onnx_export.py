@@ -33,6 +33,7 @@ from ..state_file import config_sha256
 from ..tokenizers import describe_tokenizer, save_tokenizer
 from .onnx_io import OnnxStep, io_specs, state_specs, to_onnx_layout
 from .ort_ops import TRANSLATIONS
+from .runtime import load_error
 from .step_weights import pack_for_decoding
 
 FORMAT = "momctl-onnx-bundle"
@@ -198,7 +199,10 @@ def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolera
     step's logits differ by more than `tolerance` (relative). Returns the largest relative error."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own exception types
+        raise load_error(path, err, ops) from None
     B = EXAMPLE_BATCH + 1
     c = model.config
     tokens = torch.randint(0, c.vocab_size, (steps, B), generator=torch.Generator().manual_seed(0))

@@ -60,13 +60,7 @@ class OnnxBundle:
         try:
             self.session = ort.InferenceSession(str(self.folder / self.manifest["model"]), providers=[provider])
         except Exception as err:  # ONNX Runtime raises its own exception types for unreadable models
-            if self.manifest.get("ops") == "onnxruntime" and "com.microsoft" in str(err):
-                raise MomctlError(f"{self.folder} uses ONNX Runtime's fused recurrent ops ({', '.join(FUSED_OPS)}), "
-                                  f"which onnxruntime {ort.__version__} lacks: upgrade onnxruntime (1.31 has them) "
-                                  f"or export with --ops standard") from None
-            raise MomctlError(f"ONNX Runtime cannot load {self.folder / self.manifest['model']} "
-                              f"({_one_line(err)}): the file is corrupt or incomplete; export the bundle again") \
-                from None
+            raise load_error(self.folder / self.manifest["model"], err, self.manifest.get("ops")) from None
         if self.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise MomctlError("ONNX Runtime could not start its CUDA execution provider (CUDA or cuDNN libraries "
                               "missing?); install onnxruntime-gpu with its CUDA 12/13 libraries or use --device cpu")
@@ -299,6 +293,16 @@ def sample_next(logits_BW: np.ndarray, sampling: SamplingConfig, rng: np.random.
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def load_error(path: Path, err: Exception, ops: str | None) -> MomctlError:
+    """The one-line error for a graph at `path` that ONNX Runtime could not load (`err`), made with `ops`."""
+    if ops == "onnxruntime" and "com.microsoft" in str(err):
+        return MomctlError(f"{path} uses ONNX Runtime's fused recurrent ops ({', '.join(FUSED_OPS)}), which "
+                           f"onnxruntime {ort.__version__} lacks: upgrade onnxruntime (1.31 has them) or export with "
+                           f"--ops standard")
+    return MomctlError(f"ONNX Runtime cannot load {path} ({_one_line(err)}): the file is corrupt or incomplete; "
+                       f"export the bundle again")
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -209,6 +209,20 @@ def test_bad_export_inputs_are_one_line_errors(run_dir, tmp_path):
     assert not (tmp_path / "b").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+def test_an_onnxruntime_without_the_fused_ops_is_one_line_at_export(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    def old_onnxruntime(*args, **kwargs):
+        raise ort.capi.onnxruntime_pybind11_state.Fail("Fatal error: com.microsoft:LinearAttention(-1) is not a "
+                                                       "registered function/op")
+
+    monkeypatch.setattr(ort, "InferenceSession", old_onnxruntime)
+    model = random_model(small_config(num_layers=1), dtype=torch.float32)
+    with pytest.raises(MomctlError, match="fused recurrent ops .* upgrade onnxruntime .* --ops standard"):
+        export_bundle(model, ByteTokenizer(), tmp_path / "b", verify_steps=1)
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_bundle_that_does_not_match_its_manifest_is_refused(bundle_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(bundle_dir, bad)
