@@ -161,6 +161,20 @@ def test_compile_backend_decodes_like_eager(monkeypatch):
     assert all(c["tokens_per_s"] > 0 and c["state_bytes_per_sequence"] > 0 for c in doc["results"])
 
 
+def test_profile_classes_our_kernels_and_onnx_runtimes():
+    from momctl.bench.profile import kernel_class
+
+    names = {"chunk_state_fwd_kernel": "recurrence", "fused_mom_step_kernel": "recurrence",
+             "void onnxruntime::contrib::cuda::(anonymous namespace)::LinearAttentionDecodeKernel<float, 256>(float "
+             "const*)": "recurrence",
+             "void onnxruntime::contrib::cuda::(anonymous namespace)::CausalConvDecodeKernelFixedK<float, 4>(float "
+             "const*)": "conv", "short_conv_fwd_kernel_out": "conv",
+             "void onnxruntime::cuda::cuApplyLayerNorm<__half, float, float, true>(float*)": "norm",
+             "nvjet_sm90_hsh_8x64_64x16_2x1_v_bz_TNN": "projections", "flash_fwd_kernel": "attention",
+             "void onnxruntime::cuda::_SliceKernel<false, 2, int>()": "routing_and_elementwise"}
+    assert {name: kernel_class(name) for name in names} == names
+
+
 def test_onnx_backend_decodes_and_generates_through_onnx_runtime(monkeypatch):
     """The onnx backend exports a bundle once per MoM model (per KV capacity with attention) and steps it in ONNX
     Runtime from the torch-prefilled state; the bundle folder is gone afterwards."""

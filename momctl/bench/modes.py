@@ -47,9 +47,9 @@ def measure(subject: Subject, mode: str, seq_len: int, batch: int, settings: Ben
         out["tokens_per_s"] = batch * seq_len / seconds
         flops = forward_flops(subject.config, subject.scope, subject.attention_layer, batch, seq_len)
         out["tflops_per_s"] = (3 if mode == "train" else 1) * flops / seconds / 1e12
-        if settings.profile and device.type == "cuda":
-            out["profile"] = time_breakdown(call, device)
-    else:
+    if settings.profile and device.type == "cuda" and mode != "generate":
+        out["profile"] = time_breakdown(call, device)
+    if mode in ("decode", "generate"):
         new_tokens = 1 if mode == "decode" else settings.new_tokens
         out["tokens_per_s"] = batch * new_tokens / seconds
         nbytes = subject.state_bytes(state_holder["state"])

@@ -52,7 +52,7 @@ class BenchSettings:
         new_tokens: tokens generated per prompt in `generate`.
         backend: decoding backend of decode/generate: `eager`, `compile`, `onnx`, `onnx-standard`.
         baseline: the model speed-ups are relative to.
-        profile: add a profiler breakdown of GPU time to train/prefill cells.
+        profile: add a profiler breakdown of GPU time to train/prefill/decode cells.
         seed: seed of the random weights and inputs.
     """
 
