@@ -78,15 +78,15 @@ def routing_weights(x: Tensor, columns, num_memories: int, top_k: int, num_slots
     in the packed projection x: softmax over the E memories, top k renormalised (ties as torch.topk breaks them),
     untouched memories 0; the shared slot (s >= E) always, weight 1."""
     B, E = x.shape[0], num_memories
+    # the shared slot's weight 1 is in place before the routed weights are scattered in (no concatenation)
+    base_BS = torch.cat([x.new_zeros(E), x.new_ones(num_slots - E)]).expand(B, num_slots)
     if E > 1:
         probs_BE = x[:, columns.gate:columns.gate + E].softmax(-1)
         top_w, top_i = probs_BE.topk(top_k, dim=-1)
-        weight_BE = torch.zeros_like(probs_BE).scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
-        touched_BE = torch.zeros_like(probs_BE, dtype=torch.bool).scatter(-1, top_i, True)
+        weight_BS = base_BS.scatter(-1, top_i, top_w / top_w.sum(-1, keepdim=True))
+        touched_BS = base_BS.bool().scatter(-1, top_i, True)
     else:
-        weight_BE, touched_BE = x.new_ones(B, 1), torch.ones(B, 1, dtype=torch.bool, device=x.device)
-    weight_BS = torch.cat([weight_BE, x.new_ones(B, num_slots - E)], dim=1)
-    touched_BS = torch.cat([touched_BE, touched_BE.new_ones(B, num_slots - E)], dim=1)
+        weight_BS, touched_BS = torch.ones_like(base_BS), torch.ones_like(base_BS, dtype=torch.bool)
     return weight_BS, touched_BS
 
 
