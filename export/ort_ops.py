@@ -2,9 +2,9 @@
 
 `LinearAttention` (one token of the update rules on a `[B, heads, K, V]` state), `CausalConvWithState` (depthwise
 causal conv + SiLU with its window) and `LinearAttentionGate` (the decay and beta gates) have CPU and CUDA kernels
-in ONNX Runtime (1.24 and later). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel (written
-out below; the tests check both against `mom_step_ref`), traces as one opaque node under torch.export, and
-`TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
+in ONNX Runtime (checked with 1.31.1). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel
+(written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels), traces as one opaque
+node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
 
 Shapes as ONNX Runtime takes them: B batch, N heads (all slots' heads), K key dim, V value dim, C channels, W filter
 width; a `[B, 1, N*K]` tensor is one token's heads packed along the last axis.
