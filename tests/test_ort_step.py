@@ -68,7 +68,7 @@ def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule):
 def export_and_run(module: torch.nn.Module, args: tuple, tmp_path) -> list[np.ndarray]:
     """The module exported with TRANSLATIONS, run in ONNX Runtime's CPU kernels on args."""
     path = tmp_path / "op.onnx"
-    torch.onnx.export(module, args, dynamo=True, custom_translation_table=TRANSLATIONS).save(str(path))
+    torch.onnx.export(module.eval(), args, dynamo=True, custom_translation_table=TRANSLATIONS).save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
 
