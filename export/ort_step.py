@@ -18,66 +18,101 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.common.naive_step import routing_weights
 from .ort_ops import causal_conv_silu, decay_gate, linear_attention
 
 
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
                  dt_bias: Tensor | None, memory: Tensor, conv: Tensor, *, num_memories: int, top_k: int, delta: bool,
-                 conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                 conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`mom_step_ref`'s function with the memories `[B, S*H*V, K, 1]` and the conv windows `[B, S*C, W-1]`:
-    returns the slots' weighted outputs `[B, S, H, V]` (0 for untouched slots), the new memories and the new
-    windows."""
+    returns the slots' outputs mixed by their routing weights `[B, H, V]` and the output gate's columns `[B, H*V]`
+    (both in at least fp32: the gated norm takes them without a round trip through a 16-bit dtype), the new
+    memories and the new windows.
+
+    Written for few nodes (each is a kernel launch at decode time): one Split cuts the projection row into its
+    blocks; the gates' inputs are masked to -inf (softplus and sigmoid of -inf are 0: no decay, beta 0) by one
+    select that also broadcasts them to one value per memory column; the slots are mixed by one matmul."""
     B, SC = conv.shape[:2]
     K = memory.shape[2]
     q_weight, k_weight, v_weight = conv_weights
-    S = SC // (q_weight.shape[0] + k_weight.shape[0] + v_weight.shape[0])
     HK, HV = q_weight.shape[0], v_weight.shape[0]
+    S = SC // (2 * HK + HV)
     H = HK // K
-    V, SH = HV // H, S * H
+    V = HV // H
     x = proj.to(torch.promote_types(proj.dtype, torch.float32))
-    weight_BS, touched_BS = routing_weights(x, columns, num_memories, top_k, S)
+    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV)
+    weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
 
-    def block(start: int, width: int) -> Tensor:
-        """Columns start .. start + S * width as `[B, S, width]`."""
-        return x[:, start:start + S * width].reshape(B, S, width)
-
-    u_BSC = torch.cat([x[:, None, columns.q:columns.q + HK].expand(B, S, HK), block(columns.k, HK),
-                       block(columns.v, HV)], dim=-1)
+    q_BSK = blocks["q"][:, None].expand(B, S, HK)
+    u_BSC = torch.cat([q_BSK, blocks["k"].reshape(B, S, HK), blocks["v"].reshape(B, S, HV)], dim=-1)
     w_C1W = torch.cat(list(conv_weights)).to(x.dtype).repeat(S, 1, 1)
     y, moved = causal_conv_silu(u_BSC.reshape(B, SC, 1), w_C1W, conv)
+    # the select takes the windows in the graph's layout: reshaping a graph output would copy it
     new_conv = moved if conv_every_slot else torch.where(touched_BS.repeat_interleave(SC // S, dim=1)[..., None],
                                                          moved, conv)
 
-    y = y.reshape(B, S, -1)
-    qk = y[..., :2 * HK].reshape(B, S, 2 * H, K)
-    # x / sqrt(|x|^2 + 1e-6) written as an RMS norm with weight K^-0.5: ONNX Runtime fuses it into one node
-    qk = qk / torch.sqrt(qk.square().mean(-1, keepdim=True) + 1e-6 / K) * qk.new_full((K,), K ** -0.5)
+    qk, v = y.reshape(B, S, -1).split([2 * HK, HV], dim=-1)
+    qk = qk.reshape(B, S, 2 * H, K)
+    # x / sqrt(|x|^2 + 1e-6) written as an RMS norm with weight K^-0.5, which ONNX Runtime fuses into one node. The
+    # epsilon is a one-element tensor: the exporter's optimizer drops a scalar Add below 1e-8 as adding zero.
+    qk = qk / torch.sqrt(qk.square().mean(-1, keepdim=True) + qk.new_full((1,), 1e-6 / K)) * qk.new_full((K,),
+                                                                                                        K ** -0.5)
     q, k = qk.reshape(B, S, 2, HK).unbind(2)
-    v = y[..., 2 * HK:]
-    touched = touched_BS[..., None]
-
-    def per_column(x_BSH: Tensor) -> Tensor:
-        """`[B, S, H]` -> `[B, 1, S*H*V]`: the value for each of a head's value columns (the memories' heads)."""
-        return x_BSH[..., None].expand(B, S, H, V).reshape(B, 1, SH * V)
-
-    a_B1N = block(columns.a, H).reshape(B, 1, SH) if A_log is not None else None
-    b_B1N = block(columns.b, H).reshape(B, 1, SH) if delta else None
+    touched = touched_BS[..., None, None]  # [B, S, 1, 1]: broadcast over heads and value columns
+    never = x.new_full((V,), float("-inf"))  # the select's other operand: its result is one value per column
     decay = beta = None
-    if A_log is not None:
-        decay_scale, dt_bias = -A_log.to(x.dtype).exp().repeat(S), dt_bias.to(x.dtype).repeat(S)
-        if delta:
-            decay, beta = decay_gate(a_B1N, dt_bias, decay_scale, b_B1N)
-        else:
-            decay = decay_scale * F.softplus(a_B1N + dt_bias)
-        decay = per_column(torch.where(touched, decay.reshape(B, S, H), 0))
-    if delta:
-        beta = b_B1N.sigmoid() if beta is None else beta
-        beta = per_column(torch.where(touched, beta.reshape(B, S, H), 0))
-    else:
-        k = torch.where(touched, k, 0)
+    if delta and A_log is not None:
+        b_a = torch.where(touched[:, None], blocks["ba"].reshape(B, 2, S, H, 1), never)
+        b_col, a_col = b_a.reshape(B, 2, 1, S * H * V).unbind(1)
+        decay, beta = decay_gate(a_col, _per_column(dt_bias, S, V, x.dtype), _per_column(-A_log.exp(), S, V, x.dtype),
+                                 b_col)
+    elif delta:
+        beta = torch.where(touched, blocks["b"].reshape(B, S, H, 1), never).sigmoid().reshape(B, 1, -1)
+    elif A_log is not None:
+        a = torch.where(touched, blocks["a"].reshape(B, S, H, 1), never).reshape(B, 1, -1)
+        decay = _per_column(-A_log.exp(), S, V, x.dtype) * F.softplus(a + _per_column(dt_bias, S, V, x.dtype))
+    if not delta:  # no beta to zero: k = 0 leaves the memory (decay 0 too)
+        k = torch.where(touched_BS[..., None], k, 0)
     rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
     o, new_memory = linear_attention(q.reshape(B, 1, S * HK), k.reshape(B, 1, S * HK), v.reshape(B, 1, S * HV),
                                      memory, decay, beta, rule[A_log is not None, delta])
-    return o.reshape(B, S, H, V) * weight_BS[..., None, None], new_memory, new_conv
+    o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
+    return o_BHV, blocks["g"], new_memory, new_conv
 
+
+def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int) -> dict[str, Tensor]:
+    """The packed projection row's blocks by name, cut by one Split: `gate` (the E router logits, E > 1), `q`, `k`,
+    `v`, `b` and `a` (one block `ba` when there are both: they are adjacent), the output gate `g`, and the padding."""
+    widths = {"gate": num_memories, "q": HK, "k": S * HK, "v": S * HV, "b": S * H, "a": S * H}
+    present = sorted((start, name) for name, start in vars(columns).items() if start >= 0)
+    names, sizes = [], []
+    for _, name in present:
+        if names and names[-1] == "b" and name == "a":
+            names[-1], sizes[-1] = "ba", sizes[-1] + widths[name]
+        else:
+            names.append(name)
+            sizes.append(widths[name])
+    names.append("g")
+    sizes.append(HV)
+    padding = x.shape[-1] - present[0][0] - sum(sizes)
+    if padding:
+        names.append("padding")
+        sizes.append(padding)
+    return dict(zip(names, x.split(sizes, dim=-1), strict=True))
+
+
+def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each slot's mixing weight `[B, S]` and whether the token reaches it (bool `[B, S]`): the reference's
+    renormalised top k of the softmax written as the softmax of the top k logits (the same function, fewer nodes);
+    the shared slot (s >= E) always, weight 1."""
+    B, E = x.shape[0], num_memories
+    base_BS = torch.cat([x.new_zeros(E), x.new_ones(S - E)]).expand(B, S)
+    if logits_BE is None:
+        return torch.ones_like(base_BS), torch.ones_like(base_BS, dtype=torch.bool)
+    top_logits, top_i = logits_BE.topk(top_k, dim=-1)
+    return base_BS.scatter(-1, top_i, top_logits.softmax(-1)), base_BS.bool().scatter(-1, top_i, True)
+
+
+def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:
+    """A per-head parameter `[H]` as one value per memory column `[S*H*V]` (constant-folded in the graph)."""
+    return per_head.to(dtype).repeat(S).repeat_interleave(V)

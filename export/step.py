@@ -41,7 +41,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             appended in place, not double-buffered), and its MoM layers the same memory tensors (advanced in place;
             their conv windows are other tensors). None: new tensors.
         memory_step: the memories' step of MoM layers, for exported graphs (`ort_step.mom_step_ort`, which takes
-            the state in the graph's layouts; without `out`). None: the fused kernel on CUDA, `mom_step_ref`
+            the state in the graph's layouts and returns the slots' outputs already mixed and the output gate;
+            without `out`). None: the fused kernel on CUDA, `mom_step_ref`
             elsewhere.
 
     Returns:
@@ -88,26 +89,26 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: Memor
         proj_BP = torch.cat([linear(x_BD) for linear in linears], dim=-1)
     else:
         proj_BP = F.linear(x_BD, weight.to(x_BD.dtype))
-    # The output gate is the last projection (the pack's zero padding follows it); the step reads the rest by column.
-    gate_start = sum(linear.out_features for linear in linears) - c.value_dim
-    gate_BHV = proj_BP[:, gate_start:gate_start + c.value_dim]
-
     conv_weights = (mixer.q_conv1d.weight, mixer.k_conv1d.weight, mixer.v_conv1d.weight)
     A_log, dt_bias = (mixer.A_log, mixer.dt_bias) if c.has_decay else (None, None)
     options = dict(num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
                    conv_every_slot=c.conv_scope == "time")
-    if memory_step is not None:
-        o_BSHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
-                                           **options)
+    if memory_step is not None:  # exported graphs: the slots' outputs come back mixed, with the output gate (fp32)
+        o_BHV, gate_BHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory,
+                                                    state.conv, **options)
     else:
         step = mom_step_ref
         if use_kernels(x_BD):
             from ..kernels.common.fused_step import fused_mom_step as step
         o_BSHV, memory, conv = step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
                                     **options, conv_out=None if out is None else out.conv)
+        o_BHV = o_BSHV.sum(1).to(x_BD.dtype)  # 6. Mix: the step weighted each slot's output; untouched slots are 0
+        # The output gate is the last projection (the pack's zero padding follows it).
+        gate_start = sum(linear.out_features for linear in linears) - c.value_dim
+        gate_BHV = proj_BP[:, gate_start:gate_start + c.value_dim]
 
-    # 6-8. Mix (the kernel weighted each slot's output; untouched slots are zero), gated norm, output projection.
-    o_BHV = mixer.o_norm(o_BSHV.sum(1).to(x_BD.dtype), gate_BHV.reshape(B, H, V))
+    # 7-8. Gated norm, output projection.
+    o_BHV = mixer.o_norm(o_BHV, gate_BHV.reshape(B, H, V)).to(x_BD.dtype)
     return mixer.o_proj(o_BHV.reshape(B, c.value_dim)), MemoryState(memory=memory, conv=conv)
 
 

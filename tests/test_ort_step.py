@@ -2,7 +2,10 @@
 step's function for every update rule and conv scope, untouched slots stay bit for bit, and each fused op's PyTorch
 semantics are ONNX Runtime's (one-op graphs run in ONNX Runtime's CPU kernels)."""
 
+import collections
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,10 +13,12 @@ from helpers import random_model, rel_err, small_config
 from test_step import FAMILIES
 
 from momctl import StepState
+from momctl.export.onnx_export import export_bundle
 from momctl.export.ort_ops import TRANSLATIONS, UPDATE_RULES, causal_conv_silu, decay_gate, linear_attention
 from momctl.export.ort_step import mom_step_ort
 from momctl.export.step import decode_step
 from momctl.state import KVCache, MemoryState
+from momctl.tokenizers import ByteTokenizer
 
 
 def to_graph_layout(state: StepState) -> StepState:
@@ -116,7 +121,22 @@ def test_conv_and_gate_are_onnx_runtimes(tmp_path):
     assert all(rel_err(torch.from_numpy(g), w) < 1e-6 for g, w in zip(got, causal_conv_silu(x, weight, window),
                                                                          strict=True))
     a, b = torch.randn(2, 1, 6, generator=gen), torch.randn(2, 1, 6, generator=gen)
+    a[0, 0, 1] = b[0, 0, 1] = b[1, 0, 4] = a[1, 0, 5] = float("-inf")  # the step's untouched slots: decay 0, beta 0
     dt_bias, decay_scale = torch.randn(6, generator=gen), -torch.rand(6, generator=gen)
     got = export_and_run(OneOp(decay_gate), (a, dt_bias, decay_scale, b), tmp_path)
     assert all(rel_err(torch.from_numpy(g), w) < 1e-6 for g, w in zip(got, decay_gate(a, dt_bias, decay_scale, b),
                                                                          strict=True))
+
+
+def test_every_norm_is_one_node_at_wide_heads(tmp_path):
+    """At K = 128 the q/k L2 norm's epsilon over K (7.8e-9) is below the exporter's zero tolerance: written as a
+    scalar, its Add was dropped (the norm then neither had its epsilon nor fused into one node)."""
+    model = random_model(small_config(num_layers=1, head_dim=128), dtype=torch.float32)
+    report = export_bundle(model, ByteTokenizer(), tmp_path / "bundle", verify_steps=1)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(report.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    # attn_norm, q/k L2 norm, o_norm, mlp_norm, final norm
+    assert ops["SimplifiedLayerNormalization"] == 5 and not ops["Pow"] and not ops["Sqrt"], ops
