@@ -81,24 +81,31 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
 
 
 def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int) -> dict[str, Tensor]:
-    """The packed projection row's blocks by name, cut by one Split: `gate` (the E router logits, E > 1), `q`, `k`,
-    `v`, `b` and `a` (one block `ba` when there are both: they are adjacent), the output gate `g`, and the padding."""
+    """The packed projection row's blocks by name: `gate` (the E router logits, E > 1), `q`, `k`, `v`, `b` and `a`
+    (one block `ba` when there are both: they are adjacent), the output gate `g`, and the padding.
+
+    Cut by Splits of at most four outputs each (the blocks before k | k | v | the blocks after v, then each group
+    that holds several): ONNX Runtime's CUDA Split has a fast path for up to four outputs along the last axis and
+    otherwise copies its arguments to the device, four host-to-device transfers per call."""
     widths = {"gate": num_memories, "q": HK, "k": S * HK, "v": S * HV, "b": S * H, "a": S * H}
-    present = sorted((start, name) for name, start in vars(columns).items() if start >= 0)
-    names, sizes = [], []
-    for _, name in present:
+    names = []
+    for _, name in sorted((start, name) for name, start in vars(columns).items() if start >= 0):
         if names and names[-1] == "b" and name == "a":
-            names[-1], sizes[-1] = "ba", sizes[-1] + widths[name]
+            names[-1] = "ba"
+            widths["ba"] = widths["b"] + widths["a"]
         else:
             names.append(name)
-            sizes.append(widths[name])
-    names.append("g")
-    sizes.append(HV)
-    padding = x.shape[-1] - present[0][0] - sum(sizes)
-    if padding:
-        names.append("padding")
-        sizes.append(padding)
-    return dict(zip(names, x.split(sizes, dim=-1), strict=True))
+    widths["g"] = HV
+    widths["padding"] = x.shape[-1] - sum(widths[name] for name in names) - HV
+    names += ["g", "padding"] if widths["padding"] else ["g"]
+    k, v = names.index("k"), names.index("v")
+    groups = [group for group in (names[:k], ["k"], ["v"], names[v + 1:]) if group]
+    blocks = {}
+    parts = x.split([sum(widths[name] for name in group) for group in groups], dim=-1)
+    for group, part in zip(groups, parts, strict=True):
+        pieces = part.split([widths[name] for name in group], dim=-1) if len(group) > 1 else (part,)
+        blocks.update(zip(group, pieces, strict=True))
+    return blocks
 
 
 def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x: Tensor) -> tuple[Tensor, Tensor]:
