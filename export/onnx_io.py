@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..state import KVCache, MemoryState, StepState
-from .ort_step import mom_step_ort
+from .ort_step import mom_step_ort, ort_add_norm
 from .step import decode_step
 
 BATCH = "batch"
@@ -113,8 +113,8 @@ class OnnxStep(nn.Module):
 
     Args:
         model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state stays fp32.
-        ops: `onnxruntime`: MoM layers step on ONNX Runtime's fused ops (`ort_step.py`); `standard`: standard ONNX
-            ops only (`mom_step_ref`).
+        ops: `onnxruntime`: MoM layers step on ONNX Runtime's fused ops (`ort_step.py`) and each residual add is
+            fused with the norm after it; `standard`: standard ONNX ops only (`mom_step_ref`).
     """
 
     def __init__(self, model: nn.Module, ops: str = "onnxruntime") -> None:
@@ -123,6 +123,7 @@ class OnnxStep(nn.Module):
         self.has_attention = bool(model.config.attention_layers)
         self.ops = ops
         self.memory_step = mom_step_ort if ops == "onnxruntime" else None
+        self.add_norm = ort_add_norm if ops == "onnxruntime" else None
 
     def forward(self, input_ids: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c = self.model.config
@@ -140,7 +141,7 @@ class OnnxStep(nn.Module):
                 conv = second if self.memory_step else second.reshape(B, S, C, c.conv_size - 1).transpose(2, 3)
                 layers.append(MemoryState(first, conv))
         logits, new_state = decode_step(self.model, input_ids, StepState(layers, positions),
-                                        memory_step=self.memory_step)
+                                        memory_step=self.memory_step, add_norm=self.add_norm)
         if self.memory_step:  # the state came back in the graph's layouts
             present = [t for layer in new_state.layers for t in (
                 (layer.keys, layer.values) if isinstance(layer, KVCache) else (layer.memory, layer.conv))]

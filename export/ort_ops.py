@@ -1,8 +1,9 @@
-"""ONNX Runtime's fused recurrent ops (domain `com.microsoft`) as torch custom ops that export to one ONNX node each.
+"""ONNX Runtime's fused ops (domain `com.microsoft`) as torch custom ops that export to one ONNX node each.
 
 `LinearAttention` (one token of the update rules on a `[B, heads, K, V]` state), `CausalConvWithState` (depthwise
-causal conv + SiLU with its window) and `LinearAttentionGate` (the decay and beta gates) have CPU and CUDA kernels
-in ONNX Runtime (checked with 1.31.1). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel
+causal conv + SiLU with its window), `LinearAttentionGate` (the decay and beta gates) and
+`SkipSimplifiedLayerNormalization` (residual add + RMS norm) have CPU and CUDA kernels in ONNX Runtime (checked with
+1.31.1). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel
 (written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels), traces as one opaque
 node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
 
@@ -54,6 +55,12 @@ _GATE = onnxscript.values.Op(_OPSET, "LinearAttentionGate", _schema(
     "LinearAttentionGate",
     [("a", "T", False), ("dt_bias", "TF", False), ("decay_scale", "TF", False), ("b", "T", True)],
     [("decay", "T"), ("beta", "T")], {}, {"T": _FLOATS, "TF": ["tensor(float)"]}))
+
+_SKIP_NORM = onnxscript.values.Op(_OPSET, "SkipSimplifiedLayerNormalization", _schema(
+    "SkipSimplifiedLayerNormalization",
+    [("input", "T", False), ("skip", "T", False), ("gamma", "T", False), ("bias", "T", True)],
+    [("output", "T"), ("mean", "U"), ("inv_std_var", "U"), ("input_skip_bias_sum", "T")],
+    {"epsilon": _ATTR.FLOAT}, {"T": _FLOATS, "U": ["tensor(float)"]}))
 
 UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
 
@@ -125,9 +132,31 @@ def _decay_gate_onnx(a, dt_bias, decay_scale, b):
     return _GATE(a, dt_bias, decay_scale, b, _num_outputs=2)
 
 
+@torch.library.custom_op("momctl_ort::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, skip: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the RMS norm after it, as ONNX Runtime's kernel computes them: s = x + skip in at least
+    fp32, y = s / sqrt(mean(s^2) + eps) * weight (weight rounded to x's dtype); returns y and s in x's dtype (y
+    normalises the unrounded sum)."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    s = x.to(f) + skip.to(f)
+    y = s / torch.sqrt(s.square().mean(-1, keepdim=True) + eps) * weight.to(x.dtype).to(f)
+    return y.to(x.dtype), s.to(x.dtype)
+
+
+@add_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _add_rms_norm_onnx(x, skip, weight, eps: float):
+    y, _, _, s = _SKIP_NORM(x, skip, onnxscript.opset18.CastLike(weight, x), None, epsilon=eps, _num_outputs=4)
+    return y, s
+
+
 # torch.onnx.export's custom_translation_table
 TRANSLATIONS = {
     torch.ops.momctl_ort.linear_attention.default: _linear_attention_onnx,
     torch.ops.momctl_ort.causal_conv_silu.default: _causal_conv_silu_onnx,
     torch.ops.momctl_ort.decay_gate.default: _decay_gate_onnx,
+    torch.ops.momctl_ort.add_rms_norm.default: _add_rms_norm_onnx,
 }

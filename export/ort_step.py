@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ort_ops import causal_conv_silu, decay_gate, linear_attention
+from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, linear_attention
 
 
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
@@ -123,3 +123,9 @@ def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x:
 def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:
     """A per-head parameter `[H]` as one value per memory column `[S*H*V]` (constant-folded in the graph)."""
     return per_head.to(dtype).repeat(S).repeat_interleave(V)
+
+
+def ort_add_norm(x_BD: Tensor, y_BD: Tensor, norm: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """`decode_step`'s residual add and the RMS norm after it as one `SkipSimplifiedLayerNormalization` node (in
+    fp16 graphs its weight is rounded to fp16, and it normalises the fp32 sum): returns (norm(x + y), x + y)."""
+    return add_rms_norm(x_BD, y_BD, norm.weight, norm.eps)

@@ -28,7 +28,7 @@ from .step_weights import mixer_linears, mlp_linears, packed_weight
 
 
 def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
-                out: StepState | None = None, memory_step=None) -> tuple[torch.Tensor, StepState]:
+                out: StepState | None = None, memory_step=None, add_norm=None) -> tuple[torch.Tensor, StepState]:
     """One token per sequence: `MoMForCausalLM` at the next position of each sequence.
 
     Args:
@@ -44,27 +44,38 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             the state in the graph's layouts and returns the slots' outputs already mixed and the output gate;
             without `out`). None: the fused kernel on CUDA, `mom_step_ref`
             elsewhere.
+        add_norm: `(x, y, norm) -> (norm(x + y), x + y)`, the residual add with the norm after it, for exported
+            graphs (`ort_step.ort_add_norm`: one fused node). None: the two in PyTorch.
 
     Returns:
         logits `[B, W]` and the state after the token (`cache_length` one higher). The KV caches must have room for
         the token: the caller keeps `state.cache_length < state.capacity` (`MoMForCausalLM.step` does).
     """
+    add_norm = add_norm or _add_then_norm
     x_BD = model.model.embeddings(token_ids_B)
+    y_BD = None  # the last sublayer's output: added to the residual stream x by the next norm
     layers = []
     for i, (block, layer_state) in enumerate(zip(model.model.layers, state.layers, strict=True)):
-        h_BD = block.attn_norm(x_BD)
+        h_BD, x_BD = (block.attn_norm(x_BD), x_BD) if y_BD is None else add_norm(x_BD, y_BD, block.attn_norm)
         if isinstance(block.attn, Attention):
             y_BD, layer_state = attention_step(block.attn, h_BD, state.positions, layer_state, out is not None)
         else:
             y_BD, layer_state = mom_step(block.attn, h_BD, layer_state, None if out is None else out.layers[i],
                                          memory_step)
         layers.append(layer_state)
-        x_BD = x_BD + y_BD
-        x_BD = x_BD + mlp_step(block.mlp, block.mlp_norm(x_BD))
-    logits_BW = F.linear(model.model.norm(x_BD), model.output_weight.to(x_BD.dtype))
+        h_BD, x_BD = add_norm(x_BD, y_BD, block.mlp_norm)
+        y_BD = mlp_step(block.mlp, h_BD)
+    h_BD, _ = add_norm(x_BD, y_BD, model.model.norm)
+    logits_BW = F.linear(h_BD, model.output_weight.to(h_BD.dtype))
     positions = state.positions + 1 if out is None else torch.add(state.positions, 1, out=out.positions)
     cache_length = state.cache_length + 1 if state.capacity is not None else 0
     return logits_BW, StepState(layers=layers, positions=positions, cache_length=cache_length)
+
+
+def _add_then_norm(x_BD: torch.Tensor, y_BD: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream x + y and its norm: returns (norm(x + y), x + y)."""
+    x_BD = x_BD + y_BD
+    return norm(x_BD), x_BD
 
 
 def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: MemoryState | None = None,

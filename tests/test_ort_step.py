@@ -14,8 +14,15 @@ from test_step import FAMILIES
 
 from momctl import StepState
 from momctl.export.onnx_export import export_bundle
-from momctl.export.ort_ops import TRANSLATIONS, UPDATE_RULES, causal_conv_silu, decay_gate, linear_attention
-from momctl.export.ort_step import mom_step_ort
+from momctl.export.ort_ops import (
+    TRANSLATIONS,
+    UPDATE_RULES,
+    add_rms_norm,
+    causal_conv_silu,
+    decay_gate,
+    linear_attention,
+)
+from momctl.export.ort_step import mom_step_ort, ort_add_norm
 from momctl.export.step import decode_step
 from momctl.state import KVCache, MemoryState
 from momctl.tokenizers import ByteTokenizer
@@ -38,7 +45,8 @@ def to_graph_layout(state: StepState) -> StepState:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_op_step_is_the_reference_step(family):
-    """Logits and every state tensor equal the reference step's over fed-back steps after a prefill (fp64)."""
+    """Logits and every state tensor equal the reference step's over fed-back steps after a prefill (fp64; the
+    residual adds fused with their norms as in the graphs)."""
     model = random_model(small_config(**FAMILIES[family]))
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
     _, prefilled = model.prefill(ids[:, :5])
@@ -47,7 +55,8 @@ def test_fused_op_step_is_the_reference_step(family):
     with torch.no_grad():
         for t in range(5, 10):
             want, state = model.step(ids[:, t], state)
-            got, graph_state = decode_step(model, ids[:, t], graph_state, memory_step=mom_step_ort)
+            got, graph_state = decode_step(model, ids[:, t], graph_state, memory_step=mom_step_ort,
+                                           add_norm=ort_add_norm)
             assert rel_err(got, want) < 1e-12, (family, t)
             for a, b in zip(graph_state.tensors(), to_graph_layout(state).tensors(), strict=True):
                 assert rel_err(a, b) < 1e-12, (family, t)
@@ -138,5 +147,18 @@ def test_every_norm_is_one_node_at_wide_heads(tmp_path):
     options.log_severity_level = 3
     ort.InferenceSession(str(report.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    # attn_norm, q/k L2 norm, o_norm, mlp_norm, final norm
-    assert ops["SimplifiedLayerNormalization"] == 5 and not ops["Pow"] and not ops["Sqrt"], ops
+    # attn_norm, q/k L2 norm, o_norm; mlp_norm and the final norm with their residual adds
+    assert ops["SimplifiedLayerNormalization"] == 3 and ops["SkipSimplifiedLayerNormalization"] == 2, ops
+    assert not ops["Pow"] and not ops["Sqrt"], ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_is_onnx_runtimes(dtype, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    x, skip = (torch.randn(3, 16, generator=gen).to(dtype) for _ in range(2))
+    weight = 1 + 0.2 * torch.randn(16, generator=gen)  # fp32, as the models keep norm weights
+    got = export_and_run(OneOp(add_rms_norm, weight, 1e-6), (x, skip), tmp_path)
+    want = add_rms_norm(x, skip, weight, 1e-6)
+    assert torch.equal(torch.from_numpy(got[1]), want[1]) and torch.equal(want[1], x + skip)
+    # the normalised output: to fp32 rounding, and to one fp16 rounding step of it
+    assert rel_err(torch.from_numpy(got[0]).float(), want[0].float()) < (1e-6 if dtype == torch.float32 else 1e-3)
