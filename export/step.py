@@ -42,8 +42,7 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             their conv windows are other tensors). None: new tensors.
         memory_step: the memories' step of MoM layers, for exported graphs (`ort_step.mom_step_ort`, which takes
             the state in the graph's layouts and returns the slots' outputs already mixed and the output gate;
-            without `out`). None: the fused kernel on CUDA, `mom_step_ref`
-            elsewhere.
+            without `out`). None: the fused kernel on CUDA, `mom_step_ref` elsewhere.
         add_norm: `(x, y, norm) -> (norm(x + y), x + y)`, the residual add with the norm after it, for exported
             graphs (`ort_step.ort_add_norm`: one fused node). None: the two in PyTorch.
 
