@@ -1,11 +1,11 @@
 """ONNX Runtime's fused ops (domain `com.microsoft`) as torch custom ops that export to one ONNX node each.
 
 `LinearAttention` (one token of the update rules on a `[B, heads, K, V]` state), `CausalConvWithState` (depthwise
-causal conv + SiLU with its window), `LinearAttentionGate` (the decay and beta gates) and
-`SkipSimplifiedLayerNormalization` (residual add + RMS norm) have CPU and CUDA kernels in ONNX Runtime (checked with
-1.31.1). Each op here runs in PyTorch with the semantics of ONNX Runtime's kernel
-(written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels), traces as one opaque
-node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
+causal conv + SiLU with its window), `LinearAttentionGate` (the decay and beta gates),
+`SkipSimplifiedLayerNormalization` (residual add + RMS norm) and `GatedRMSNorm` (RMS norm times SiLU of a gate) have
+CPU and CUDA kernels in ONNX Runtime (checked with 1.31.1). Each op here runs in PyTorch with the semantics of ONNX
+Runtime's kernel (written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels), traces
+as one opaque node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
 
 Shapes as ONNX Runtime takes them: B batch, N heads (all slots' heads), K key dim, V value dim, C channels, W filter
 width; a `[B, 1, N*K]` tensor is one token's heads packed along the last axis.
@@ -61,6 +61,10 @@ _SKIP_NORM = onnxscript.values.Op(_OPSET, "SkipSimplifiedLayerNormalization", _s
     [("input", "T", False), ("skip", "T", False), ("gamma", "T", False), ("bias", "T", True)],
     [("output", "T"), ("mean", "U"), ("inv_std_var", "U"), ("input_skip_bias_sum", "T")],
     {"epsilon": _ATTR.FLOAT}, {"T": _FLOATS, "U": ["tensor(float)"]}))
+
+_GATED_NORM = onnxscript.values.Op(_OPSET, "GatedRMSNorm", _schema(
+    "GatedRMSNorm", [("X", "T", False), ("scale", "T", False), ("gate", "T", False)], [("Y", "T")],
+    {"activation": _ATTR.STRING, "epsilon": _ATTR.FLOAT}, {"T": _FLOATS}))
 
 UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
 
@@ -153,10 +157,29 @@ def _add_rms_norm_onnx(x, skip, weight, eps: float):
     return y, s
 
 
+@torch.library.custom_op("momctl_ort::gated_rms_norm", mutates_args=())
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """ONNX Runtime's GatedRMSNorm with the SiLU gate: y = x / sqrt(mean(x^2) + eps) * weight * SiLU(gate) over the
+    last axis (of width `weight`'s length), computed in fp32 (for x and gate of one dtype; weight is cast to it)."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(f) / torch.sqrt(x.to(f).square().mean(-1, keepdim=True) + eps) * weight.to(x.dtype).to(f)
+    return (y * F.silu(gate.to(f))).to(x.dtype)
+
+
+@gated_rms_norm.register_fake
+def _(x, gate, weight, eps):
+    return torch.empty_like(x)
+
+
+def _gated_rms_norm_onnx(x, gate, weight, eps: float):
+    return _GATED_NORM(x, onnxscript.opset18.CastLike(weight, x), gate, activation="silu", epsilon=eps)
+
+
 # torch.onnx.export's custom_translation_table
 TRANSLATIONS = {
     torch.ops.momctl_ort.linear_attention.default: _linear_attention_onnx,
     torch.ops.momctl_ort.causal_conv_silu.default: _causal_conv_silu_onnx,
     torch.ops.momctl_ort.decay_gate.default: _decay_gate_onnx,
     torch.ops.momctl_ort.add_rms_norm.default: _add_rms_norm_onnx,
+    torch.ops.momctl_ort.gated_rms_norm.default: _gated_rms_norm_onnx,
 }

@@ -18,20 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, linear_attention
+from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_rms_norm, linear_attention
 
 
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
-                 dt_bias: Tensor | None, memory: Tensor, conv: Tensor, *, num_memories: int, top_k: int, delta: bool,
-                 conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`mom_step_ref`'s function with the memories `[B, S*H*V, K, 1]` and the conv windows `[B, S*C, W-1]`:
-    returns the slots' outputs mixed by their routing weights `[B, H, V]` and the output gate's columns `[B, H*V]`
-    (both in at least fp32: the gated norm takes them without a round trip through a 16-bit dtype), the new
+                 dt_bias: Tensor | None, memory: Tensor, conv: Tensor, o_norm: torch.nn.Module, *, num_memories: int,
+                 top_k: int, delta: bool, conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`mom_step_ref`'s function with the memories `[B, S*H*V, K, 1]` and the conv windows `[B, S*C, W-1]`, and the
+    layer's gated output norm `o_norm` after it: returns the normalised output `[B, H, V]` in at least fp32, the new
     memories and the new windows.
 
-    Written for few nodes (each is a kernel launch at decode time): one Split cuts the projection row into its
+    Written for few nodes (each is a kernel launch at decode time): Splits cut the projection row into its
     blocks; the gates' inputs are masked to -inf (softplus and sigmoid of -inf are 0: no decay, beta 0) by one
-    select that also broadcasts them to one value per memory column; the slots are mixed by one matmul."""
+    select that also broadcasts them to one value per memory column; the slots are mixed by one matmul, and the
+    gated norm is one node (ONNX Runtime's GatedRMSNorm) that takes the mixed output and the gate in fp32."""
     B, SC = conv.shape[:2]
     K = memory.shape[2]
     q_weight, k_weight, v_weight = conv_weights
@@ -77,7 +77,7 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     o, new_memory = linear_attention(q.reshape(B, 1, S * HK), k.reshape(B, 1, S * HK), v.reshape(B, 1, S * HV),
                                      memory, decay, beta, rule[A_log is not None, delta])
     o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
-    return o_BHV, blocks["g"], new_memory, new_conv
+    return gated_rms_norm(o_BHV, blocks["g"].reshape(B, H, V), o_norm.weight, o_norm.eps), new_memory, new_conv
 
 
 def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int) -> dict[str, Tensor]:

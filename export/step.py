@@ -41,8 +41,8 @@ def decode_step(model: nn.Module, token_ids_B: torch.Tensor, state: StepState,
             appended in place, not double-buffered), and its MoM layers the same memory tensors (advanced in place;
             their conv windows are other tensors). None: new tensors.
         memory_step: the memories' step of MoM layers, for exported graphs (`ort_step.mom_step_ort`, which takes
-            the state in the graph's layouts and returns the slots' outputs already mixed and the output gate;
-            without `out`). None: the fused kernel on CUDA, `mom_step_ref` elsewhere.
+            the state in the graph's layouts and the layer's output norm, and returns the slots' outputs already
+            mixed and normalised; without `out`). None: the fused kernel on CUDA, `mom_step_ref` elsewhere.
         add_norm: `(x, y, norm) -> (norm(x + y), x + y)`, the residual add with the norm after it, for exported
             graphs (`ort_step.ort_add_norm`: one fused node). None: the two in PyTorch.
 
@@ -103,9 +103,9 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: Memor
     A_log, dt_bias = (mixer.A_log, mixer.dt_bias) if c.has_decay else (None, None)
     options = dict(num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
                    conv_every_slot=c.conv_scope == "time")
-    if memory_step is not None:  # exported graphs: the slots' outputs come back mixed, with the output gate (fp32)
-        o_BHV, gate_BHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory,
-                                                    state.conv, **options)
+    if memory_step is not None:  # exported graphs: the output comes back mixed and normalised (fp32)
+        o_BHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
+                                          mixer.o_norm, **options)
     else:
         step = mom_step_ref
         if use_kernels(x_BD):
@@ -116,9 +116,10 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: Memor
         # The output gate is the last projection (the pack's zero padding follows it).
         gate_start = sum(linear.out_features for linear in linears) - c.value_dim
         gate_BHV = proj_BP[:, gate_start:gate_start + c.value_dim]
+        o_BHV = mixer.o_norm(o_BHV, gate_BHV.reshape(B, H, V))  # 7. Gated norm
 
-    # 7-8. Gated norm, output projection.
-    o_BHV = mixer.o_norm(o_BHV, gate_BHV.reshape(B, H, V)).to(x_BD.dtype)
+    # 8. Output projection.
+    o_BHV = o_BHV.to(x_BD.dtype)
     return mixer.o_proj(o_BHV.reshape(B, c.value_dim)), MemoryState(memory=memory, conv=conv)
 
 

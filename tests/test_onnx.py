@@ -147,8 +147,8 @@ def test_the_graph_does_not_copy_the_recurrent_state_in_or_out(bundle_dir):
 
 
 def test_onnx_runtime_fuses_every_rms_norm(bundle_dir, tmp_path):
-    """Each MoM layer's gated output norm and q/k L2 norm and the first block's input norm become one
-    SimplifiedLayerNormalization node each after ONNX Runtime's graph optimizer, and every other norm one
+    """Each MoM layer's q/k L2 norm and the first block's input norm become one SimplifiedLayerNormalization node
+    each after ONNX Runtime's graph optimizer, each gated output norm one GatedRMSNorm node, and every other norm one
     SkipSimplifiedLayerNormalization node with the residual add before it (fewer launches per step)."""
     import onnxruntime as ort
 
@@ -159,8 +159,9 @@ def test_onnx_runtime_fuses_every_rms_norm(bundle_dir, tmp_path):
     nodes = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
     ops = collections.Counter(n.op_type for n in nodes)
     # tiny: 2 MoM layers; each block's two norms and the final norm are 5, one of them without a residual add
-    assert ops["SimplifiedLayerNormalization"] == 1 + 2 * 2 and ops["SkipSimplifiedLayerNormalization"] == 4, ops
-    assert not ops["Add"] and not ops["Pow"], ops
+    assert ops["SimplifiedLayerNormalization"] == 1 + 2 and ops["GatedRMSNorm"] == 2, ops
+    assert ops["SkipSimplifiedLayerNormalization"] == 4, ops
+    assert not ops["Add"] and not ops["Pow"] and not ops["Sigmoid"], ops
 
 
 def test_eager_compile_and_onnx_write_the_same_greedy_text(run_dir, bundle_dir):

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import random_model, rel_err, small_config
 from test_step import FAMILIES
 
@@ -20,6 +21,7 @@ from momctl.export.ort_ops import (
     add_rms_norm,
     causal_conv_silu,
     decay_gate,
+    gated_rms_norm,
     linear_attention,
 )
 from momctl.export.ort_step import mom_step_ort, ort_add_norm
@@ -147,8 +149,9 @@ def test_every_norm_is_one_node_at_wide_heads(tmp_path):
     options.log_severity_level = 3
     ort.InferenceSession(str(report.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    # attn_norm, q/k L2 norm, o_norm; mlp_norm and the final norm with their residual adds
-    assert ops["SimplifiedLayerNormalization"] == 3 and ops["SkipSimplifiedLayerNormalization"] == 2, ops
+    # attn_norm, q/k L2 norm; the gated o_norm; mlp_norm and the final norm with their residual adds
+    assert ops["SimplifiedLayerNormalization"] == 2 and ops["GatedRMSNorm"] == 1, ops
+    assert ops["SkipSimplifiedLayerNormalization"] == 2, ops
     assert not ops["Pow"] and not ops["Sqrt"], ops
 
 
@@ -162,3 +165,17 @@ def test_add_rms_norm_is_onnx_runtimes(dtype, tmp_path):
     assert torch.equal(torch.from_numpy(got[1]), want[1]) and torch.equal(want[1], x + skip)
     # the normalised output: to fp32 rounding, and to one fp16 rounding step of it
     assert rel_err(torch.from_numpy(got[0]).float(), want[0].float()) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_rms_norm_is_onnx_runtimes(dtype, tmp_path):
+    """Per head: x [B, H, V] normalised over V, times the weight and SiLU of the gate."""
+    gen = torch.Generator().manual_seed(5)
+    x, gate = (torch.randn(3, 2, 16, generator=gen).to(dtype) for _ in range(2))
+    weight = 1 + 0.2 * torch.randn(16, generator=gen)
+    got = torch.from_numpy(export_and_run(OneOp(gated_rms_norm, weight, 1e-5), (x, gate), tmp_path)[0])
+    want = gated_rms_norm(x, gate, weight, 1e-5)
+    assert got.dtype == want.dtype == dtype
+    assert rel_err(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 1e-3)
+    ref = torch.nn.functional.rms_norm(x.double(), (16,), weight.to(dtype).double(), 1e-5) * F.silu(gate.double())
+    assert rel_err(want.double(), ref) < (1e-6 if dtype == torch.float32 else 1e-3)
