@@ -111,13 +111,17 @@ def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int
 def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x: Tensor) -> tuple[Tensor, Tensor]:
     """Each slot's mixing weight `[B, S]` and whether the token reaches it (bool `[B, S]`): the reference's
     renormalised top k of the softmax written as the softmax of the top k logits (the same function, fewer nodes);
-    the shared slot (s >= E) always, weight 1."""
+    the shared slot (s >= E) always, weight 1.
+
+    One scatter gives both: the top k's weights (>= 0, even where they underflow) go into a row that holds -1 for
+    every routed memory, so the slots at or above 0 are the touched ones, and the weights are that row clamped at 0."""
     B, E = x.shape[0], num_memories
-    base_BS = torch.cat([x.new_zeros(E), x.new_ones(S - E)]).expand(B, S)
     if logits_BE is None:
-        return torch.ones_like(base_BS), torch.ones_like(base_BS, dtype=torch.bool)
+        return x.new_ones(B, S), x.new_ones(B, S, dtype=torch.bool)
+    base_BS = torch.cat([x.new_full((E,), -1.0), x.new_ones(S - E)]).expand(B, S)
     top_logits, top_i = logits_BE.topk(top_k, dim=-1)
-    return base_BS.scatter(-1, top_i, top_logits.softmax(-1)), base_BS.bool().scatter(-1, top_i, True)
+    scattered = base_BS.scatter(-1, top_i, top_logits.softmax(-1))
+    return scattered.relu(), scattered >= 0
 
 
 def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:
