@@ -1,1 +1,4 @@
 """Portable decoding of momctl models (installed as momctl.export): the recurrent step, ONNX export and runtime."""
+# KV-cache positions of attention layers in an exported graph by default (prompt + generated tokens); here, not in
+# onnx_export.py, so that the CLI names it without importing the exporter (onnx and onnxscript take ~2 s to import).
+DEFAULT_MAX_LENGTH = 4096

@@ -31,6 +31,7 @@ from ..modules import RMSNorm
 from ..state import StepState
 from ..state_file import config_sha256
 from ..tokenizers import describe_tokenizer, save_tokenizer
+from . import DEFAULT_MAX_LENGTH
 from .onnx_io import OnnxStep, io_specs, state_specs, to_onnx_layout
 from .ort_ops import TRANSLATIONS
 from .runtime import load_error
@@ -49,7 +50,6 @@ EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
 EXAMPLE_BATCH = 2
 # The largest batch torch.export traces the graph for (the ONNX batch axis itself is unbounded).
 MAX_TRACED_BATCH = 4096
-DEFAULT_MAX_LENGTH = 4096
 
 
 @dataclass

@@ -98,7 +98,8 @@ class OnnxStep:
     prefill state on the first call, then the returned `OnnxState` (the runtime's ping-pong buffers)."""
 
     def __init__(self, model: torch.nn.Module, capacity: int, ops: str) -> None:
-        from ..export.onnx_export import DEFAULT_MAX_LENGTH, export_bundle
+        from ..export import DEFAULT_MAX_LENGTH
+        from ..export.onnx_export import export_bundle
         from ..export.runtime import OnnxBundle
         from ..tokenizers import ByteTokenizer
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..export.onnx_export import DEFAULT_MAX_LENGTH, export_onnx
+from ..export import DEFAULT_MAX_LENGTH
 
 app = typer.Typer(help="Export a model for other runtimes.", no_args_is_help=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -29,6 +29,8 @@ def onnx(
     = "onnxruntime",
 ) -> None:
     """Export the static decoding step (one token per sequence, state in and out) to OUT/model.onnx."""
+    from ..export.onnx_export import export_onnx  # imported here: onnx and onnxscript slow every other command
+
     report = export_onnx(checkpoint, out, dtype=dtype, opset=opset, max_length=max_length, verify_steps=verify_steps,
                          ops=ops)
     err.print(f"exported {report.dtype} opset {report.opset}, {report.ops} ops ({report.model_bytes / 2**20:.1f} "
