@@ -6,8 +6,10 @@ itself: it runs fed-back steps in ONNX Runtime (CPU) against PyTorch and fails i
 
 The graph comes from torch.onnx.export's torch.export-based exporter (opset 18 and up; the TorchScript exporter is
 deprecated). fp32 graphs are for CPUs; fp16 graphs (fp32 norms, decay parameters and state) are for GPUs. MoM layers
-step on ONNX Runtime's fused recurrent ops by default (`--ops onnxruntime`: `ort_ops.py`, a few nodes a layer), or on
-standard ONNX ops only (`--ops standard`: about a hundred nodes a layer, for runtimes other than ONNX Runtime).
+step on ONNX Runtime's fused recurrent ops by default (`--ops onnxruntime`: `ort_ops.py`, a few nodes a layer), on
+them with the recurrence on its CUDA-only GatedDeltaNet (`--ops onnxruntime-cuda`: fewer nodes, verified on the CUDA
+provider), or on standard ONNX ops only (`--ops standard`: about a hundred nodes a layer, for runtimes other than
+ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 OPSETS = range(18, 24)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-OPS = ("onnxruntime", "standard")
+OPS = ("onnxruntime", "onnxruntime-cuda", "standard")
 # Largest relative error ||onnx - torch|| / ||torch|| of any step's logits that the export accepts.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
@@ -75,7 +77,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32",
         opset: ONNX opset, 18 to 23.
         max_length: KV-cache positions of attention layers (prompt + generated tokens); unused without them.
         verify_steps: fed-back steps compared with PyTorch in ONNX Runtime (CPU) before the bundle is kept.
-        ops: `onnxruntime` (MoM layers on ONNX Runtime's fused `com.microsoft` ops) or `standard` (ONNX ops only).
+        ops: `onnxruntime` (MoM layers on ONNX Runtime's fused `com.microsoft` ops), `onnxruntime-cuda` (the same
+            with the recurrence on its CUDA-only GatedDeltaNet; needs onnxruntime-gpu and a GPU) or `standard` (ONNX
+            ops only).
     """
     _check_options(dtype, opset, max_length, verify_steps, ops)
     _check_out(Path(out))
@@ -91,6 +95,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
     (`source`: where the weights came from, for the manifest). The model is not changed."""
     start = time.perf_counter()
     _check_options(dtype, opset, max_length, verify_steps, ops)
+    provider = verification_provider(ops)
     out = Path(out)
     _check_out(out)
     model = _cast(copy.deepcopy(model), DTYPES[dtype])
@@ -111,7 +116,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
             from None
     try:
         model_bytes = _export_graph(model, tmp / MODEL_FILE, inputs, outputs, capacity, opset, ops)
-        max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype], ops)
+        max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype], ops, provider)
         save_tokenizer(tokenizer, tmp)
         manifest = {
             "format": FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset, "ops": ops,
@@ -119,7 +124,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
             "source": source, "tokenizer": describe_tokenizer(tokenizer),
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
             "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity, ops)],
-            "verification": {"steps": verify_steps, "provider": "CPUExecutionProvider", "max_rel_error": max_err,
+            "verification": {"steps": verify_steps, "provider": provider, "max_rel_error": max_err,
                              "tolerance": TOLERANCE[dtype]},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -141,8 +146,9 @@ def _check_options(dtype: str, opset: int, max_length: int, verify_steps: int, o
     if dtype not in DTYPES:
         raise MomctlError(f"--dtype {dtype} is not supported; use fp32 (CPU) or fp16 (CUDA)")
     if ops not in OPS:
-        raise MomctlError(f"--ops {ops} is not supported; use onnxruntime (ONNX Runtime's fused recurrent ops) or "
-                          f"standard (standard ONNX ops only)")
+        raise MomctlError(f"--ops {ops} is not supported; use onnxruntime (ONNX Runtime's fused recurrent ops), "
+                          f"onnxruntime-cuda (the same on its CUDA-only GatedDeltaNet) or standard (standard ONNX ops "
+                          f"only)")
     if opset not in OPSETS:
         raise MomctlError(f"--opset {opset} is not supported; use {OPSETS[0]} to {OPSETS[-1]} (the exporter writes "
                           f"opset {OPSETS[0]} and up)")
@@ -193,16 +199,35 @@ def _opset_of(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolerance: float, ops: str) -> float:
-    """Run `steps` fed-back steps of the graph at `path` in ONNX Runtime (CPU) and of `decode_step` in PyTorch from
-    an empty state, on the same random tokens (batch EXAMPLE_BATCH + 1, not the traced batch); MomctlError when any
-    step's logits differ by more than `tolerance` (relative). Returns the largest relative error."""
+def verification_provider(ops: str) -> str:
+    """The ONNX Runtime execution provider the export verifies a graph on `ops` with: the CPU's, or CUDA's for
+    `onnxruntime-cuda` (MomctlError when this ONNX Runtime or machine has none)."""
+    if ops != "onnxruntime-cuda":
+        return "CPUExecutionProvider"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        raise MomctlError("--ops onnxruntime-cuda graphs run only on ONNX Runtime's CUDA provider (GatedDeltaNet has "
+                          "no CPU kernel), which the export needs to verify the graph: export on a machine with an "
+                          "NVIDIA GPU and onnxruntime-gpu, or use --ops onnxruntime")
+    return "CUDAExecutionProvider"
+
+
+def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolerance: float, ops: str,
+           provider: str = "CPUExecutionProvider") -> float:
+    """Run `steps` fed-back steps of the graph at `path` in ONNX Runtime (on `provider`) and of `decode_step` in
+    PyTorch from an empty state, on the same random tokens (batch EXAMPLE_BATCH + 1, not the traced batch);
+    MomctlError when any step's logits differ by more than `tolerance` (relative). Returns the largest relative
+    error."""
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=[provider])
     except Exception as err:  # ONNX Runtime's own exception types
         raise load_error(path, err, ops) from None
+    if provider not in session.get_providers():
+        raise MomctlError(f"ONNX Runtime could not start its {provider} to verify the export (CUDA or cuDNN libraries "
+                          f"missing?); install onnxruntime-gpu with its CUDA libraries, or use --ops onnxruntime")
     B = EXAMPLE_BATCH + 1
     c = model.config
     tokens = torch.randint(0, c.vocab_size, (steps, B), generator=torch.Generator().manual_seed(0))

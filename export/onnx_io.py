@@ -9,7 +9,9 @@ sequence has seen) is an input. Only the batch axis is dynamic.
 
 The memories are `[B, S*H, K, V]` in standard-op graphs. Graphs on ONNX Runtime's fused ops take them transposed, as
 `[B, S*H*V, K, 1]` (one key vector per value column): ONNX Runtime's decode kernel at K = 256 reads a state column
-with each thread of a warp on another row, which is a coalesced read only when a row is one element wide.
+with each thread of a warp on another row, which is a coalesced read only when a row is one element wide. Graphs on
+its CUDA-only GatedDeltaNet (`onnxruntime-cuda`) take the same bytes as `[B, S*H, V, K]`, and their conv windows
+block-major (every slot's q channels, then every slot's k, then every slot's v) instead of slot by slot.
 
 Legend: B batch, W vocabulary, S slots (E routed memories + the shared one), H heads, K key head dim, V value head
 dim, C conv channels of one slot, h key/value heads of an attention layer, L KV-cache capacity, d its head dim.
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..state import KVCache, MemoryState, StepState
-from .ort_step import mom_step_ort, ort_add_norm
+from .ort_step import mom_step_ort, mom_step_ort_cuda, ort_add_norm
 from .step import decode_step
 
 BATCH = "batch"
@@ -72,10 +74,13 @@ def state_specs(config: ModelConfig, capacity: int, ops: str) -> list[StateSpec]
 
 
 def memory_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
-    """A MoM layer's memories in the graph: `[B, S*H, K, V]`, or transposed `[B, S*H*V, K, 1]` on the fused ops."""
+    """A MoM layer's memories in the graph: `[B, S*H, K, V]`, or transposed `[B, S*H*V, K, 1]` on the fused ops
+    (`[B, S*H, V, K]` on the CUDA-only ones)."""
     c = config
     if ops == "onnxruntime":
         return BATCH, c.num_slots * c.num_heads * c.head_v_dim, c.head_dim, 1
+    if ops == "onnxruntime-cuda":
+        return BATCH, c.num_slots * c.num_heads, c.head_v_dim, c.head_dim
     return BATCH, c.num_slots * c.num_heads, c.head_dim, c.head_v_dim
 
 
@@ -99,13 +104,24 @@ def to_onnx_layout(state: StepState, ops: str) -> list[torch.Tensor]:
         if isinstance(layer, KVCache):
             flat += [layer.keys.float(), layer.values.float()]
         else:
-            memory = layer.memory.float()  # [B, S, H, K, V], or already [B, S*H, K, V] (OnnxStep's)
-            if memory.dim() == 5:
-                memory = memory.flatten(1, 2)
-            if ops == "onnxruntime":
-                memory = memory.transpose(-1, -2).reshape(memory.shape[0], -1, memory.shape[-2], 1)
-            flat += [memory, layer.conv.float().transpose(2, 3).reshape(layer.conv.shape[0], -1, layer.conv.shape[2])]
+            flat += layer_to_graph_layout(layer.memory.float(), layer.conv.float(), ops)
     return flat
+
+
+def layer_to_graph_layout(memory: torch.Tensor, conv: torch.Tensor, ops: str) -> list[torch.Tensor]:
+    """A MoM layer's memories `[B, S, H, K, V]` (or `[B, S*H, K, V]`) and conv windows `[B, S, W-1, C]` in the
+    layouts of a graph on `ops` (same dtype)."""
+    if memory.dim() == 5:
+        memory = memory.flatten(1, 2)
+    conv = conv.transpose(2, 3)  # [B, S, C, W-1]
+    B, S, C, _ = conv.shape
+    if ops == "onnxruntime":
+        memory = memory.transpose(-1, -2).reshape(B, -1, memory.shape[-2], 1)
+    elif ops == "onnxruntime-cuda":  # the conv channels block-major: q of every slot, then k, then v
+        HV = memory.shape[1] // S * memory.shape[-1]
+        conv = torch.cat([part.flatten(1, 2) for part in conv.split([(C - HV) // 2, (C - HV) // 2, HV], dim=2)], 1)
+        memory = memory.transpose(-1, -2).contiguous()
+    return [memory, conv.reshape(B, S * C, -1)]
 
 
 class OnnxStep(nn.Module):
@@ -114,7 +130,8 @@ class OnnxStep(nn.Module):
     Args:
         model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state stays fp32.
         ops: `onnxruntime`: MoM layers step on ONNX Runtime's fused ops (`ort_step.py`) and each residual add is
-            fused with the norm after it; `standard`: standard ONNX ops only (`mom_step_ref`).
+            fused with the norm after it; `onnxruntime-cuda`: the same with the recurrence on its CUDA-only
+            GatedDeltaNet; `standard`: standard ONNX ops only (`mom_step_ref`).
     """
 
     def __init__(self, model: nn.Module, ops: str = "onnxruntime") -> None:
@@ -122,8 +139,8 @@ class OnnxStep(nn.Module):
         self.model = model
         self.has_attention = bool(model.config.attention_layers)
         self.ops = ops
-        self.memory_step = mom_step_ort if ops == "onnxruntime" else None
-        self.add_norm = ort_add_norm if ops == "onnxruntime" else None
+        self.memory_step = {"onnxruntime": mom_step_ort, "onnxruntime-cuda": mom_step_ort_cuda}.get(ops)
+        self.add_norm = ort_add_norm if self.memory_step else None
 
     def forward(self, input_ids: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c = self.model.config

@@ -3,9 +3,11 @@
 `LinearAttention` (one token of the update rules on a `[B, heads, K, V]` state), `CausalConvWithState` (depthwise
 causal conv + SiLU with its window), `LinearAttentionGate` (the decay and beta gates),
 `SkipSimplifiedLayerNormalization` (residual add + RMS norm) and `GatedRMSNorm` (RMS norm times SiLU of a gate) have
-CPU and CUDA kernels in ONNX Runtime (checked with 1.31.1). Each op here runs in PyTorch with the semantics of ONNX
-Runtime's kernel (written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels), traces
-as one opaque node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
+CPU and CUDA kernels in ONNX Runtime (checked with 1.31.1); `GatedDeltaNet` (l2 norm, gates and update rule of one
+token in one node) has a CUDA kernel only. Each op here runs in PyTorch with the semantics of ONNX
+Runtime's kernel (written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels, and
+GatedDeltaNet against the other ops; tests/test_onnx.py's GPU tests run its graphs on the CUDA provider), traces as
+one opaque node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
 
 Shapes as ONNX Runtime takes them: B batch, N heads (all slots' heads), K key dim, V value dim, C channels, W filter
 width; a `[B, 1, N*K]` tensor is one token's heads packed along the last axis.
@@ -65,6 +67,16 @@ _SKIP_NORM = onnxscript.values.Op(_OPSET, "SkipSimplifiedLayerNormalization", _s
 _GATED_NORM = onnxscript.values.Op(_OPSET, "GatedRMSNorm", _schema(
     "GatedRMSNorm", [("X", "T", False), ("scale", "T", False), ("gate", "T", False)], [("Y", "T")],
     {"activation": _ATTR.STRING, "epsilon": _ATTR.FLOAT}, {"T": _FLOATS}))
+
+_GATED_DELTA_NET = onnxscript.values.Op(_OPSET, "GatedDeltaNet", _schema(
+    "GatedDeltaNet",
+    [("query", "T", False), ("key", "T", True), ("value", "T", True), ("cu_seqlens", "TI", True),
+     ("decay", "T", True), ("beta", "T", True), ("initial_state", "TS", True), ("a_log", "TS", True),
+     ("dt_bias", "TS", True)],
+    [("output", "T"), ("final_state", "TS")],
+    {"update_rule": _ATTR.STRING, "gate_activation": _ATTR.STRING, "beta_activation": _ATTR.STRING,
+     "qk_l2_norm": _ATTR.INT},
+    {"T": _FLOATS, "TS": ["tensor(float)"], "TI": ["tensor(int32)"]}))
 
 UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
 
@@ -175,6 +187,43 @@ def _gated_rms_norm_onnx(x, gate, weight, eps: float):
     return _GATED_NORM(x, onnxscript.opset18.CastLike(weight, x), gate, activation="silu", epsilon=eps)
 
 
+@torch.library.custom_op("momctl_ort::gated_delta_net", mutates_args=())
+def gated_delta_net(qkv: Tensor, decay: Tensor | None, beta: Tensor | None, past_state: Tensor, a_log: Tensor,
+                    dt_bias: Tensor, update_rule: str) -> tuple[Tensor, Tensor]:
+    """ONNX Runtime's GatedDeltaNet (CUDA only) for one token, with packed `qkv [B, 2*N*K + N*V]` (all heads' q,
+    then k, then v), the V-major state `[B, N, V, K]`, and the raw gate inputs `[B, N]` it activates itself:
+    q and k l2-normalised as x / sqrt(|x|^2 + 1e-12); alpha = exp(-exp(a_log) * softplus(decay + dt_bias)) (1
+    without decay), beta = sigmoid(beta) (1 without); S' = alpha S + k (beta (v - alpha S^T k))^T for the delta
+    rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major)."""
+    B, N, V, K = past_state.shape
+    q, k, v = qkv.split([N * K, N * K, N * V], dim=-1)
+    q, k = (t.reshape(B, N, K) * torch.rsqrt(t.reshape(B, N, K).square().sum(-1, keepdim=True) + 1e-12)
+            for t in (q, k))
+    state = past_state.transpose(-1, -2)  # [B, N, K, V]
+    if decay is not None:
+        state = torch.exp(-a_log.exp() * F.softplus(decay + dt_bias))[..., None, None] * state
+    u = v.reshape(B, N, V)
+    if update_rule in ("delta", "gated_delta"):
+        u = (beta.sigmoid() if beta is not None else 1)[..., None] * (u - torch.einsum("bnk,bnkv->bnv", k, state))
+    new_state = state + k[..., None] * u[:, :, None]
+    o = torch.einsum("bnk,bnkv->bnv", q, new_state) * K ** -0.5
+    return o, new_state.transpose(-1, -2).contiguous()
+
+
+@gated_delta_net.register_fake
+def _(qkv, decay, beta, past_state, a_log, dt_bias, update_rule):
+    B, N, V, _ = past_state.shape
+    return qkv.new_empty(B, N, V), torch.empty_like(past_state)
+
+
+def _gated_delta_net_onnx(qkv, decay, beta, past_state, a_log, dt_bias, update_rule: str):
+    gated = decay is not None
+    return _GATED_DELTA_NET(qkv, None, None, None, decay, beta, past_state, a_log if gated else None,
+                            dt_bias if gated else None, update_rule=update_rule, qk_l2_norm=1,
+                            gate_activation="qwen" if gated else "none",
+                            beta_activation="sigmoid" if beta is not None else "none", _num_outputs=2)
+
+
 # torch.onnx.export's custom_translation_table
 TRANSLATIONS = {
     torch.ops.momctl_ort.linear_attention.default: _linear_attention_onnx,
@@ -182,4 +231,5 @@ TRANSLATIONS = {
     torch.ops.momctl_ort.decay_gate.default: _decay_gate_onnx,
     torch.ops.momctl_ort.add_rms_norm.default: _add_rms_norm_onnx,
     torch.ops.momctl_ort.gated_rms_norm.default: _gated_rms_norm_onnx,
+    torch.ops.momctl_ort.gated_delta_net.default: _gated_delta_net_onnx,
 }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_rms_norm, linear_attention
+from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_delta_net, gated_rms_norm, linear_attention
 
 
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
@@ -76,6 +76,52 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
     o, new_memory = linear_attention(q.reshape(B, 1, S * HK), k.reshape(B, 1, S * HK), v.reshape(B, 1, S * HV),
                                      memory, decay, beta, rule[A_log is not None, delta])
+    o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
+    return gated_rms_norm(o_BHV, blocks["g"].reshape(B, H, V), o_norm.weight, o_norm.eps), new_memory, new_conv
+
+
+def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
+                      dt_bias: Tensor | None, memory: Tensor, conv: Tensor, o_norm: torch.nn.Module, *,
+                      num_memories: int, top_k: int, delta: bool,
+                      conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`mom_step_ort` for ONNX Runtime's CUDA provider only: the update rule, the q/k l2 norm and the gates of every
+    slot in one `GatedDeltaNet` node (no CPU kernel), on the memories `[B, S*H, V, K]` (V-major: the same bytes as
+    `mom_step_ort`'s) and the conv windows `[B, S*C, W-1]` with the channels block-major (every slot's q, then every
+    slot's k, then every slot's v), so that the conv's output is the node's packed q|k|v as it is: no Split after the
+    conv. Its l2 norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of
+    5e-7 / |x|^2). Returns the normalised output `[B, H, V]` in at least fp32, the new memories and windows."""
+    B, SC = conv.shape[:2]
+    q_weight, k_weight, v_weight = conv_weights
+    HK, HV = q_weight.shape[0], v_weight.shape[0]
+    S = SC // (2 * HK + HV)
+    V = memory.shape[2]
+    H = HV // V
+    x = proj.to(torch.promote_types(proj.dtype, torch.float32))
+    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV)
+    weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
+
+    u = torch.cat([blocks["q"].repeat(1, S), blocks["k"], blocks["v"]], dim=-1)  # [B, S*C]
+    w_C1W = torch.cat([w.repeat(S, 1, 1) for w in conv_weights]).to(x.dtype)
+    y, moved = causal_conv_silu(u[..., None], w_C1W, conv)
+    slot_of_channel = torch.cat([torch.arange(S).repeat_interleave(n) for n in (HK, HK, HV)]).to(conv.device)
+    touched_C = touched_BS.index_select(1, slot_of_channel)[..., None]  # [B, S*C, 1]
+    new_conv = moved if conv_every_slot else torch.where(touched_C, moved, conv)
+    qkv = y.reshape(B, SC)
+    if not delta:  # no beta to zero: k = 0 leaves the memory (decay 0 too)
+        qkv = torch.where(touched_C[..., 0], qkv, 0)
+    touched = touched_BS[..., None]  # [B, S, 1]: broadcast over heads
+    decay = beta = None
+    if A_log is not None and delta:  # b and a are adjacent: one select (gate inputs -inf: decay 0, beta 0)
+        b_a = torch.where(touched[:, None], blocks["ba"].reshape(B, 2, S, H), float("-inf"))
+        beta, decay = b_a.reshape(B, 2, S * H).unbind(1)
+    elif delta:
+        beta = torch.where(touched, blocks["b"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
+    elif A_log is not None:
+        decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
+    rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
+    per_slot = (x.new_zeros(S * H), x.new_zeros(S * H)) if A_log is None else (
+        A_log.to(x.dtype).repeat(S), dt_bias.to(x.dtype).repeat(S))  # fp32 in the graphs (the op's type)
+    o, new_memory = gated_delta_net(qkv, decay, beta, memory, *per_slot, rule[A_log is not None, delta])
     o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
     return gated_rms_norm(o_BHV, blocks["g"].reshape(B, H, V), o_norm.weight, o_norm.eps), new_memory, new_conv
 

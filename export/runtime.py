@@ -35,7 +35,9 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(i
 # Present on a machine with an NVIDIA driver loaded: ONNX Runtime's CUDA provider can load without a GPU, then fails.
 NVIDIA_DEVICE = "/dev/nvidiactl"
 # ONNX Runtime's com.microsoft ops that `--ops onnxruntime` graphs use (export/ort_ops.py)
-FUSED_OPS = ("LinearAttention", "CausalConvWithState", "LinearAttentionGate")
+FUSED_OPS = ("LinearAttention", "CausalConvWithState", "LinearAttentionGate", "GatedRMSNorm",
+             "SkipSimplifiedLayerNormalization")
+CUDA_ONLY_OPS = "onnxruntime-cuda"  # graphs on GatedDeltaNet, which has no CPU kernel
 
 
 class OnnxBundle:
@@ -53,6 +55,10 @@ class OnnxBundle:
         self.folder = Path(folder)
         self.manifest = _read_manifest(self.folder)
         self.device_type, self.device_id = _pick_device(device)
+        if self.manifest.get("ops") == CUDA_ONLY_OPS and self.device_type != "cuda":
+            raise MomctlError(f"{self.folder} was exported with --ops {CUDA_ONLY_OPS}, which runs only on ONNX "
+                              f"Runtime's CUDA provider: use --device cuda on a machine with an NVIDIA GPU and "
+                              f"onnxruntime-gpu, or export again with --ops onnxruntime")
         provider = ("CUDAExecutionProvider", {"device_id": self.device_id}) if self.device_type == "cuda" \
             else "CPUExecutionProvider"
         if self.device_type == "cuda" and hasattr(ort, "preload_dlls"):
@@ -297,7 +303,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def load_error(path: Path, err: Exception, ops: str | None) -> MomctlError:
     """The one-line error for a graph at `path` that ONNX Runtime could not load (`err`), made with `ops`."""
-    if ops == "onnxruntime" and "com.microsoft" in str(err):
+    if ops in ("onnxruntime", CUDA_ONLY_OPS) and "com.microsoft" in str(err):
         return MomctlError(f"{path} uses ONNX Runtime's fused recurrent ops ({', '.join(FUSED_OPS)}), which "
                            f"onnxruntime {ort.__version__} lacks: upgrade onnxruntime (1.31 has them) or export with "
                            f"--ops standard")

@@ -214,6 +214,42 @@ def test_bad_export_inputs_are_one_line_errors(run_dir, tmp_path):
     assert not (tmp_path / "b").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+def _onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_cuda_only_graphs_have_one_gated_delta_net_node_a_layer(tmp_path):
+    """Built (not run: GatedDeltaNet has no CPU kernel) for a model with an attention layer: the recurrence, the gates
+    and the q/k l2 norm of each MoM layer are one node, and the conv's output goes into it without a Split."""
+    from momctl.export.onnx_export import _export_graph
+    from momctl.export.onnx_io import io_specs
+
+    model = random_model(small_config(num_layers=3, attention_layers=(1,)), dtype=torch.float32)
+    _export_graph(model, tmp_path / "m.onnx", *io_specs(model.config, 8, "onnxruntime-cuda"), 8, 18,
+                  "onnxruntime-cuda")
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    assert ops["GatedDeltaNet"] == 2 and ops["CausalConvWithState"] == 2 and ops["GatedRMSNorm"] == 2, ops
+    assert not ops["LinearAttention"] and not ops["LinearAttentionGate"], ops
+    conv_outputs = {n.output[0] for n in nodes if n.op_type == "CausalConvWithState"}
+    assert all(n.op_type != "Split" for n in nodes if conv_outputs & set(n.input)), "the conv output is split"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and _onnxruntime_has_cuda(), reason="this machine can run them")
+def test_cuda_only_graphs_are_one_line_errors_without_cuda(run_dir, bundle_dir, tmp_path):
+    assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--ops", "onnxruntime-cuda"),
+                          "onnxruntime-cuda", "--ops onnxruntime")
+    assert not (tmp_path / "b").exists()
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(bundle_dir, relabelled)
+    manifest = json.loads((relabelled / "manifest.json").read_text())
+    (relabelled / "manifest.json").write_text(json.dumps({**manifest, "ops": "onnxruntime-cuda"}))
+    with pytest.raises(MomctlError, match="CUDA provider: use --device cuda"):
+        OnnxBundle(relabelled, device="cpu")
+
+
 def test_an_onnxruntime_without_the_fused_ops_is_one_line_at_export(tmp_path, monkeypatch):
     import onnxruntime as ort
 
@@ -269,16 +305,10 @@ def test_cuda_on_a_machine_without_a_gpu_is_one_line(bundle_dir, monkeypatch):
     assert OnnxBundle(bundle_dir, device="auto").device_type == "cpu"
 
 
-def _onnxruntime_has_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
-@pytest.mark.parametrize("ops", ["onnxruntime", "standard"])
+@pytest.mark.parametrize("ops", ["onnxruntime", "onnxruntime-cuda", "standard"])
 def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path, ops):
     model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
     export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4, ops=ops)
@@ -289,13 +319,14 @@ def test_fp16_bundle_on_the_cuda_provider_matches_eager(tmp_path, ops):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
-def test_cuda_graph_steppers_match_the_plain_cuda_session(tmp_path):
+@pytest.mark.parametrize("ops", ["onnxruntime", "onnxruntime-cuda"])
+def test_cuda_graph_steppers_match_the_plain_cuda_session(tmp_path, ops):
     """Each batch size's stepper replays CUDA graphs, and over 17 fed-back greedy steps (both ping-pong directions
     captured, then each replayed 7 or 8 times) and again after a reset to a state it reached, it gives the plain
     (graph-less) CUDA session's tokens and logits. Capturing both directions as one graph, or updating the state in
     place, gives other logits."""
     model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
-    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4)
+    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=4, ops=ops)
     bundle = OnnxBundle(tmp_path / "b", device="cuda")
     steps = 17
     for batch_size in (1, 3):
@@ -327,13 +358,14 @@ def test_cuda_graph_steppers_match_the_plain_cuda_session(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
-def test_fp16_cuda_bundle_writes_the_eager_greedy_text_of_a_trained_model(run_dir, tmp_path):
+@pytest.mark.parametrize("ops", ["onnxruntime", "onnxruntime-cuda"])
+def test_fp16_cuda_bundle_writes_the_eager_greedy_text_of_a_trained_model(run_dir, tmp_path, ops):
     """fp16 graph with fp32 state on the CUDA provider: the same greedy tokens as the eager fp32 step on the GPU
     over 64 tokens."""
     from momctl.generation import generate, load_for_inference
     from momctl.sampling import SamplingConfig
 
-    export_onnx(run_dir, tmp_path / "b", dtype="fp16", verify_steps=4)
+    export_onnx(run_dir, tmp_path / "b", dtype="fp16", verify_steps=4, ops=ops)
     bundle = OnnxBundle(tmp_path / "b", device="cuda")
     assert "CUDAExecutionProvider" in bundle.session.get_providers()
     sampling = SamplingConfig(max_new_tokens=STEPS, temperature=0, stop_at_eos=False)

@@ -15,64 +15,72 @@ from test_step import FAMILIES
 
 from momctl import StepState
 from momctl.export.onnx_export import export_bundle
+from momctl.export.onnx_io import layer_to_graph_layout
 from momctl.export.ort_ops import (
     TRANSLATIONS,
     UPDATE_RULES,
     add_rms_norm,
     causal_conv_silu,
     decay_gate,
+    gated_delta_net,
     gated_rms_norm,
     linear_attention,
 )
-from momctl.export.ort_step import mom_step_ort, ort_add_norm
+from momctl.export.ort_step import mom_step_ort, mom_step_ort_cuda, ort_add_norm
 from momctl.export.step import decode_step
+from momctl.kernels.common import naive_step
 from momctl.state import KVCache, MemoryState
 from momctl.tokenizers import ByteTokenizer
 
 
-def to_graph_layout(state: StepState) -> StepState:
-    """A StepState with the MoM layers' tensors in the fused-op graph's layouts, without a dtype change: memories
-    `[B, S*H*V, K, 1]`, conv windows `[B, S*C, W-1]`."""
-    layers = []
-    for layer in state.layers:
-        if isinstance(layer, KVCache):
-            layers.append(layer)
-        else:
-            B, S, W1, C = layer.conv.shape
-            memory = layer.memory.flatten(1, 2).transpose(-1, -2)
-            layers.append(MemoryState(memory.reshape(B, -1, memory.shape[-1], 1),
-                                      layer.conv.transpose(2, 3).reshape(B, S * C, W1)))
+def to_graph_layout(state: StepState, ops: str = "onnxruntime") -> StepState:
+    """A StepState with the MoM layers' tensors in the layouts of a graph on `ops`, without a dtype change."""
+    layers = [layer if isinstance(layer, KVCache) else
+              MemoryState(*layer_to_graph_layout(layer.memory, layer.conv, ops)) for layer in state.layers]
     return StepState(layers, state.positions, state.cache_length)
 
 
+STEPS = {"onnxruntime": mom_step_ort, "onnxruntime-cuda": mom_step_ort_cuda}
+
+
+@pytest.mark.parametrize("ops", STEPS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_op_step_is_the_reference_step(family):
+def test_fused_op_step_is_the_reference_step(family, ops, monkeypatch):
     """Logits and every state tensor equal the reference step's over fed-back steps after a prefill (fp64; the
-    residual adds fused with their norms as in the graphs)."""
+    residual adds fused with their norms as in the graphs). GatedDeltaNet's q/k l2 norm adds 1e-12 to |x|^2, the
+    model's 1e-6: the reference takes GatedDeltaNet's for that step."""
+    if ops == "onnxruntime-cuda":
+        monkeypatch.setattr(naive_step, "_l2norm", lambda x: x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-12))
     model = random_model(small_config(**FAMILIES[family]))
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
     _, prefilled = model.prefill(ids[:, :5])
     state = StepState.from_inference(prefilled, capacity=16 if model.config.attention_layers else None)
-    graph_state = to_graph_layout(state)
+    graph_state = to_graph_layout(state, ops)
     with torch.no_grad():
         for t in range(5, 10):
             want, state = model.step(ids[:, t], state)
-            got, graph_state = decode_step(model, ids[:, t], graph_state, memory_step=mom_step_ort,
+            got, graph_state = decode_step(model, ids[:, t], graph_state, memory_step=STEPS[ops],
                                            add_norm=ort_add_norm)
             assert rel_err(got, want) < 1e-12, (family, t)
-            for a, b in zip(graph_state.tensors(), to_graph_layout(state).tensors(), strict=True):
+            for a, b in zip(graph_state.tensors(), to_graph_layout(state, ops).tensors(), strict=True):
                 assert rel_err(a, b) < 1e-12, (family, t)
 
 
+@pytest.mark.parametrize("ops", STEPS)
 @pytest.mark.parametrize("rule", UPDATE_RULES)
-def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule):
+def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule, ops):
     model = random_model(small_config(num_memories=4, top_k=1, update_rule=rule))
     ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
     _, prefilled = model.prefill(ids[:, :6])
-    before = to_graph_layout(StepState.from_inference(prefilled))
+    before = to_graph_layout(StepState.from_inference(prefilled), ops)
     with torch.no_grad():
-        _, after = decode_step(model, ids[:, 6], before, memory_step=mom_step_ort)
+        _, after = decode_step(model, ids[:, 6], before, memory_step=STEPS[ops])
     c = model.config
+    if ops == "onnxruntime-cuda":  # back to slot-major conv windows
+        before, after = (StepState([MemoryState(s.layers[0].memory, torch.cat(
+            [p.unflatten(1, (c.num_slots, -1)) for p in s.layers[0].conv.split([c.key_dim * c.num_slots] * 2
+                                                                                + [c.value_dim * c.num_slots], 1)],
+            2).flatten(1, 2))], s.positions) for s in (before, after))
     memory, new_memory, conv, new_conv = (getattr(s.layers[0], name).unflatten(1, (c.num_slots, -1))
                                           for name in ("memory", "conv") for s in (before, after))
     for b in range(3):
@@ -179,3 +187,32 @@ def test_gated_rms_norm_is_onnx_runtimes(dtype, tmp_path):
     assert rel_err(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 1e-3)
     ref = torch.nn.functional.rms_norm(x.double(), (16,), weight.to(dtype).double(), 1e-5) * F.silu(gate.double())
     assert rel_err(want.double(), ref) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+def test_gated_delta_net_is_the_other_fused_ops(rule):
+    """GatedDeltaNet (no CPU kernel to run) against the ops ONNX Runtime's CPU kernels check above: its l2 norm, then
+    LinearAttentionGate's gates and LinearAttention's update on the state it takes V-major; gate inputs of -inf (the
+    step's untouched slots) leave the state bit for bit."""
+    gen = torch.Generator().manual_seed(6)
+    B, N, K, V = 3, 4, 8, 6
+    qkv, state = torch.randn(B, 2 * N * K + N * V, generator=gen), torch.randn(B, N, V, K, generator=gen)
+    a_log, dt_bias = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    gated, delta = "gated" in rule, "delta" in rule
+    decay = torch.randn(B, N, generator=gen) if gated else None
+    beta = torch.randn(B, N, generator=gen) if delta else None
+    for raw in (decay, beta):
+        if raw is not None:
+            raw[0, 1] = float("-inf")
+    o, new_state = gated_delta_net(qkv, decay, beta, state, a_log, dt_bias, rule)
+    q, k, v = qkv.split([N * K, N * K, N * V], dim=-1)
+    q, k = (t.reshape(B, N, K) * torch.rsqrt(t.reshape(B, N, K).square().sum(-1, keepdim=True) + 1e-12)
+            for t in (q, k))
+    g, b = decay_gate(decay if gated else torch.zeros(B, N), dt_bias, -a_log.exp(),
+                      beta if delta else torch.zeros(B, N))
+    want_o, want_state = linear_attention(q.reshape(B, 1, N * K), k.reshape(B, 1, N * K), v[:, None],
+                                          state.transpose(-1, -2), g[:, None] if gated else None,
+                                          b[:, None] if delta else None, rule)
+    assert rel_err(o, want_o.reshape(B, N, V)) < 1e-6 and rel_err(new_state, want_state.transpose(-1, -2)) < 1e-6
+    if gated and delta:
+        assert torch.equal(new_state[0, 1], state[0, 1])

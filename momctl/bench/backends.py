@@ -7,7 +7,8 @@
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
   its state is handed to the bundle's layout. The bundle is deleted with the step. `onnx` exports with ONNX
-  Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-standard` with standard ONNX ops only.
+  Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-cuda` with the recurrence on its CUDA-only
+  GatedDeltaNet (`--ops onnxruntime-cuda`), `onnx-standard` with standard ONNX ops only.
 
 At layer scope (`--layer --mode decode`) the step is one layer's (bench/layer_decode.py) on random activations:
 eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only: under
@@ -50,10 +51,12 @@ def step_function(subject: Subject, backend: str, capacity: int) -> StepFn:
         return _compiled_step(subject, capacity)
     if subject.scope == "layer":
         raise Unavailable("the onnx backend exports whole models; use --model")
+    if backend == "onnx-cuda" and subject.module.output_weight.device.type != "cuda":
+        raise Unavailable("onnx-cuda graphs run on ONNX Runtime's CUDA provider only; use --device cuda")
     key = (backend, capacity if subject.config.attention_layers else 0)  # a MoM state does not grow: one export
     if key not in subject.backends:
-        subject.backends[key] = OnnxStep(subject.module, capacity, "standard" if backend == "onnx-standard"
-                                         else "onnxruntime")
+        ops = {"onnx": "onnxruntime", "onnx-cuda": "onnxruntime-cuda", "onnx-standard": "standard"}[backend]
+        subject.backends[key] = OnnxStep(subject.module, capacity, ops)
     return subject.backends[key]
 
 

@@ -15,7 +15,7 @@ from ..errors import MomctlError
 
 MODES = ("train", "prefill", "decode", "generate")
 MODELS = ("mom", "gdn", "transformer", "hybrid", "reference", "reference-gdn")
-BACKENDS = ("eager", "compile", "onnx", "onnx-standard")
+BACKENDS = ("eager", "compile", "onnx", "onnx-cuda", "onnx-standard")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Modes that need the recurrent state: they run the whole causal LM.
 STATE_MODES = ("decode", "generate")
@@ -50,7 +50,7 @@ class BenchSettings:
         device: a torch device string.
         repeats: timed calls per cell (median, p20, p80).
         new_tokens: tokens generated per prompt in `generate`.
-        backend: decoding backend of decode/generate: `eager`, `compile`, `onnx`, `onnx-standard`.
+        backend: decoding backend of decode/generate: `eager`, `compile`, `onnx`, `onnx-cuda`, `onnx-standard`.
         baseline: the model speed-ups are relative to.
         profile: add a profiler breakdown of GPU time to train/prefill/decode cells.
         seed: seed of the random weights and inputs.

@@ -51,7 +51,8 @@ def bench(
                                "--dtype")] = "auto",
     device: Device = "auto",
     backend: Annotated[str, _opt("Decoding step of decode/generate: eager, compile, onnx (ONNX Runtime's fused "
-                                 "ops), onnx-standard (standard ONNX ops).", "--backend")] = "eager",
+                                 "ops), onnx-cuda (the same on its CUDA-only GatedDeltaNet), onnx-standard "
+                                 "(standard ONNX ops).", "--backend")] = "eager",
     baseline: Annotated[str | None, _opt("Model the speed-ups are relative to (default: transformer).",
                                          "--baseline")] = None,
     repeats: Annotated[int | None, _opt("Timed calls per cell (default 10 on a GPU, 3 on a CPU).",

@@ -25,7 +25,9 @@ def onnx(
     verify_steps: Annotated[int, typer.Option("--verify-steps", help="Fed-back steps checked against PyTorch "
                                                                      "in ONNX Runtime.")] = 16,
     ops: Annotated[str, typer.Option("--ops", help="onnxruntime: MoM layers on ONNX Runtime's fused recurrent ops "
-                                                   "(fast); standard: standard ONNX ops only (any runtime).")]
+                                                   "(fast); onnxruntime-cuda: the same on its CUDA-only GatedDeltaNet "
+                                                   "(fastest on NVIDIA GPUs; exports and runs on CUDA only); "
+                                                   "standard: standard ONNX ops only (any runtime).")]
     = "onnxruntime",
 ) -> None:
     """Export the static decoding step (one token per sequence, state in and out) to OUT/model.onnx."""
