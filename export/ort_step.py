@@ -6,7 +6,9 @@ Every slot goes through the ops; a slot the token does not reach gets decay 0 an
 beta), so `LinearAttention` leaves its memory bit for bit, and its conv window is put back by one select. The state
 keeps the graph's layouts: memories transposed, `[B, S*H*V, K, 1]` (each value column of each head is one
 `LinearAttention` head of value width 1 that reads its head's q and k: ONNX Runtime's decode kernel then reads the
-state coalesced), conv windows `[B, S*C, W-1]` (slot-major channels).
+state coalesced), conv windows `[B, S*C, W-1]` (slot-major channels). `mom_step_ort_cuda` is the same step for
+ONNX Runtime's CUDA provider only, with one `GatedDeltaNet` node in place of the norm, gate and `LinearAttention`
+nodes (graphs of `--ops onnxruntime-cuda`).
 
 Legend: B batch, P packed projection columns, E routed memories, S slots, H heads, K key dim, V value dim,
 C conv channels of one slot (q | k | v), W filter width.
