@@ -22,6 +22,9 @@ from torch import Tensor
 
 from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_delta_net, gated_rms_norm, linear_attention
 
+# (has decay, has beta) -> ONNX Runtime's update rule
+RULES = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
+
 
 def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
                  dt_bias: Tensor | None, memory: Tensor, conv: Tensor, o_norm: torch.nn.Module, *, num_memories: int,
@@ -75,11 +78,9 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
         decay = _per_column(-A_log.exp(), S, V, x.dtype) * F.softplus(a + _per_column(dt_bias, S, V, x.dtype))
     if not delta:  # no beta to zero: k = 0 leaves the memory (decay 0 too)
         k = torch.where(touched_BS[..., None], k, 0)
-    rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
     o, new_memory = linear_attention(q.reshape(B, 1, S * HK), k.reshape(B, 1, S * HK), v.reshape(B, 1, S * HV),
-                                     memory, decay, beta, rule[A_log is not None, delta])
-    o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
-    return gated_rms_norm(o_BHV, blocks["g"].reshape(B, H, V), o_norm.weight, o_norm.eps), new_memory, new_conv
+                                     memory, decay, beta, RULES[A_log is not None, delta])
+    return _mix_and_norm(weight_BS, o, blocks["g"], o_norm, H, V), new_memory, new_conv
 
 
 def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tensor], A_log: Tensor | None,
@@ -120,12 +121,18 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
         beta = torch.where(touched, blocks["b"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
     elif A_log is not None:
         decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
-    rule = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
     per_slot = (x.new_zeros(S * H), x.new_zeros(S * H)) if A_log is None else (
         A_log.to(x.dtype).repeat(S), dt_bias.to(x.dtype).repeat(S))  # fp32 in the graphs (the op's type)
-    o, new_memory = gated_delta_net(qkv, decay, beta, memory, *per_slot, rule[A_log is not None, delta])
-    o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, HV)).reshape(B, H, V)
-    return gated_rms_norm(o_BHV, blocks["g"].reshape(B, H, V), o_norm.weight, o_norm.eps), new_memory, new_conv
+    o, new_memory = gated_delta_net(qkv, decay, beta, memory, *per_slot, RULES[A_log is not None, delta])
+    return _mix_and_norm(weight_BS, o, blocks["g"], o_norm, H, V), new_memory, new_conv
+
+
+def _mix_and_norm(weight_BS: Tensor, o: Tensor, gate: Tensor, o_norm: torch.nn.Module, H: int, V: int) -> Tensor:
+    """The slots' outputs mixed by their routing weights (one matmul), then the gated output norm (one node):
+    `[B, H, V]`."""
+    B, S = weight_BS.shape
+    o_BHV = torch.matmul(weight_BS[:, None], o.reshape(B, S, H * V)).reshape(B, H, V)
+    return gated_rms_norm(o_BHV, gate.reshape(B, H, V), o_norm.weight, o_norm.eps)
 
 
 def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int) -> dict[str, Tensor]:
