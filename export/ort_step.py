@@ -45,7 +45,7 @@ def mom_step_ort(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor, Tens
     H = HK // K
     V = HV // H
     x = proj.to(torch.promote_types(proj.dtype, torch.float32))
-    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV)
+    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV, alone=(("k",), ("v",)))
     weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
 
     q_BSK = blocks["q"][:, None].expand(B, S, HK)
@@ -100,10 +100,12 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     V = memory.shape[2]
     H = HV // V
     x = proj.to(torch.promote_types(proj.dtype, torch.float32))
-    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV)
+    blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV, alone=(("q",), ("k", "v")))
     weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
 
-    u = torch.cat([blocks["q"].repeat(1, S), blocks["k"], blocks["v"]], dim=-1)  # [B, S*C]
+    # q once per slot, then every slot's k and v as they sit in the row: one Concat node (a Tile would be a copy
+    # per repeat, and its output would still need this Concat)
+    u = torch.cat([blocks["q"]] * S + [blocks["kv"]], dim=-1)  # [B, S*C]
     w_C1W = torch.cat([w.repeat(S, 1, 1) for w in conv_weights]).to(x.dtype)
     y, moved = causal_conv_silu(u[..., None], w_C1W, conv)
     slot_of_channel = torch.cat([torch.arange(S).repeat_interleave(n) for n in (HK, HK, HV)]).to(conv.device)
@@ -135,13 +137,15 @@ def _mix_and_norm(weight_BS: Tensor, o: Tensor, gate: Tensor, o_norm: torch.nn.M
     return gated_rms_norm(o_BHV, gate.reshape(B, H, V), o_norm.weight, o_norm.eps)
 
 
-def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int) -> dict[str, Tensor]:
+def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int, HV: int,
+                 alone: tuple[tuple[str, ...], ...]) -> dict[str, Tensor]:
     """The packed projection row's blocks by name: `gate` (the E router logits, E > 1), `q`, `k`, `v`, `b` and `a`
-    (one block `ba` when there are both: they are adjacent), the output gate `g`, and the padding.
+    (one block `ba` when there are both: they are adjacent), the output gate `g`, and the padding; a run of adjacent
+    names in `alone` comes as one block, named by joining them (`kv` for ("k", "v")).
 
-    Cut by Splits of at most four outputs each (the blocks before k | k | v | the blocks after v, then each group
-    that holds several): ONNX Runtime's CUDA Split has a fast path for up to four outputs along the last axis and
-    otherwise copies its arguments to the device, four host-to-device transfers per call."""
+    Cut by Splits of at most four outputs each: first into the runs in `alone` and the groups of blocks between them,
+    then each group that holds several blocks. ONNX Runtime's CUDA Split has a fast path for up to four outputs along
+    the last axis and otherwise copies its arguments to the device, four host-to-device transfers per call."""
     widths = {"gate": num_memories, "q": HK, "k": S * HK, "v": S * HV, "b": S * H, "a": S * H}
     names = []
     for _, name in sorted((start, name) for name, start in vars(columns).items() if start >= 0):
@@ -153,13 +157,20 @@ def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int
     widths["g"] = HV
     widths["padding"] = x.shape[-1] - sum(widths[name] for name in names) - HV
     names += ["g", "padding"] if widths["padding"] else ["g"]
-    k, v = names.index("k"), names.index("v")
-    groups = [group for group in (names[:k], ["k"], ["v"], names[v + 1:]) if group]
+    groups, done = [], 0
+    for run in alone:
+        start = names.index(run[0])
+        groups += [names[done:start], list(run)]
+        done = start + len(run)
+    groups = [group for group in (*groups, names[done:]) if group]
     blocks = {}
     parts = x.split([sum(widths[name] for name in group) for group in groups], dim=-1)
     for group, part in zip(groups, parts, strict=True):
-        pieces = part.split([widths[name] for name in group], dim=-1) if len(group) > 1 else (part,)
-        blocks.update(zip(group, pieces, strict=True))
+        if tuple(group) in alone and len(group) > 1:
+            blocks["".join(group)] = part
+        else:
+            pieces = part.split([widths[name] for name in group], dim=-1) if len(group) > 1 else (part,)
+            blocks.update(zip(group, pieces, strict=True))
     return blocks
 
 

@@ -244,15 +244,20 @@ class PingPongStepper:
 
     def step(self, input_ids_B: np.ndarray) -> np.ndarray:
         """Feed one token per sequence; returns the logits `[B, W]` (on the host)."""
+        self.advance(input_ids_B)
+        logits_BW = self.logits.numpy()  # a copy from a GPU; a view of the buffer on a CPU
+        return logits_BW.copy() if self.bundle.device_type == "cpu" else logits_BW
+
+    def advance(self, input_ids_B: np.ndarray) -> None:
+        """Feed one token per sequence and leave the logits in `self.logits`, on the session's device (overwritten by
+        the next step)."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids_B, dtype=np.int64))
         if self.positions is not None:
             self.position_ids.update_inplace(self.positions)
         self._run(self.current)
-        logits_BW = self.logits.numpy()  # a copy from a GPU; a view of the buffer on a CPU
         self.current = 1 - self.current
         if self.positions is not None:
             self.positions = self.positions + 1
-        return logits_BW.copy() if self.bundle.device_type == "cpu" else logits_BW
 
     def _run(self, direction: int) -> None:
         try:

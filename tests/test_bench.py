@@ -215,6 +215,32 @@ def test_onnx_step_continues_the_torch_prefill_exactly(ops):
     assert (got - want).abs().max() / want.abs().max() < 1e-4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ops", ["onnxruntime", "onnxruntime-cuda"])
+def test_onnx_step_on_cuda_leaves_each_steps_logits_on_the_gpu(ops):
+    """On CUDA the bundle's logits come back as a view of the runtime's GPU buffer, and over three fed-back steps
+    after a torch prefill each step's view holds that step's logits (fp16 graph against the fp32 eager step)."""
+    import onnxruntime as ort
+
+    from momctl.bench.backends import OnnxStep
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (its CUDA execution provider)")
+    model = MoMForCausalLM(get_preset("tiny").replace(num_layers=2, attention_layers=(1,))).cuda().eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    step = OnnxStep(model, capacity=16, ops=ops)
+    with torch.no_grad():
+        _, want_state = model.prefill(ids)
+        state, token = want_state, ids[:, -1]
+        for _ in range(3):
+            got, state = step(token, state)
+            want, want_state = model.step(token, want_state)
+            assert got.device == want.device and (got - want).abs().max() / want.abs().max() < 2e-2
+            token = want.argmax(-1)
+    step.close()
+
+
 @pytest.mark.parametrize("backend", ["eager", "compile"])
 def test_layer_scope_decode_times_one_layer_step(backend):
     doc = run_bench(settings(modes="decode", models="mom,transformer", scope="layer", seq_lens="8",

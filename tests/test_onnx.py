@@ -235,6 +235,13 @@ def test_cuda_only_graphs_have_one_gated_delta_net_node_a_layer(tmp_path):
     assert not ops["LinearAttention"] and not ops["LinearAttentionGate"], ops
     conv_outputs = {n.output[0] for n in nodes if n.op_type == "CausalConvWithState"}
     assert all(n.op_type != "Split" for n in nodes if conv_outputs & set(n.input)), "the conv output is split"
+    # the conv's input is one Concat of the projection's blocks as Split gives them: q once per slot, then k|v
+    producer = {output: n for n in nodes for output in n.output}
+    for conv in (n for n in nodes if n.op_type == "CausalConvWithState"):
+        concat = producer[producer[conv.input[0]].input[0]]  # through the Unsqueeze that adds the time axis
+        q, *rest = concat.input
+        assert concat.op_type == "Concat" and rest == [q] * (model.config.num_slots - 1) + rest[-1:], concat
+        assert {producer[i].op_type for i in concat.input} == {"Split"}, concat
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and _onnxruntime_has_cuda(), reason="this machine can run them")

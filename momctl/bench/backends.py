@@ -6,7 +6,8 @@
   replays a CUDA graph per chunk (`momctl.prefill.GraphedPrefill`) where the model allows, as `momctl generate`.
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
-  its state is handed to the bundle's layout. The bundle is deleted with the step. `onnx` exports with ONNX
+  its state is handed to the bundle's layout. On CUDA the logits stay on the GPU (a view of the runtime's buffer, as
+  the other backends leave theirs), so a step's time is ONNX Runtime's. The bundle is deleted with the step. `onnx` exports with ONNX
   Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-cuda` with the recurrence on its CUDA-only
   GatedDeltaNet (`--ops onnxruntime-cuda`), `onnx-standard` with standard ONNX ops only.
 
@@ -124,8 +125,13 @@ class OnnxStep:
         if not isinstance(state, OnnxState):
             state = OnnxState(self.bundle.stepper(self._onnx_state(state)), self.bundle.state_bytes(
                 token_ids_B.shape[0]))
-        logits = state.stepper.step(token_ids_B.cpu().numpy())
-        return torch.from_numpy(logits).to(self.device), state
+        stepper = state.stepper
+        stepper.advance(token_ids_B.cpu().numpy())
+        if self.device.type == "cpu":
+            return torch.from_numpy(stepper.logits.numpy().copy()), state
+        # the logits stay where ONNX Runtime wrote them (as the other backends' do): a view of its buffer, valid
+        # until the next step (the run has finished: ONNX Runtime synchronises its stream before returning)
+        return torch.from_dlpack(stepper.logits._get_c_value().to_dlpack()), state
 
     def _onnx_state(self, state) -> dict:
         """A torch prefill state in the bundle's input names and layouts (numpy)."""
