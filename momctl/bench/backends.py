@@ -7,9 +7,9 @@
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
   its state is handed to the bundle's layout. On CUDA the logits stay on the GPU (a view of the runtime's buffer, as
-  the other backends leave theirs), so a step's time is ONNX Runtime's. The bundle is deleted with the step. `onnx` exports with ONNX
-  Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-cuda` with the recurrence on its CUDA-only
-  GatedDeltaNet (`--ops onnxruntime-cuda`), `onnx-standard` with standard ONNX ops only.
+  the other backends leave theirs), so a step's time is ONNX Runtime's. The bundle is deleted with the step. `onnx`
+  exports with ONNX Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-cuda` with the recurrence
+  on its CUDA-only GatedDeltaNet (`--ops onnxruntime-cuda`), `onnx-standard` with standard ONNX ops only.
 
 At layer scope (`--layer --mode decode`) the step is one layer's (bench/layer_decode.py) on random activations:
 eager or compile; onnx exports whole models only. FLA's reference models and layers decode eagerly only: under
