@@ -188,21 +188,22 @@ def _gated_rms_norm_onnx(x, gate, weight, eps: float):
 
 
 @torch.library.custom_op("momctl_ort::gated_delta_net", mutates_args=())
-def gated_delta_net(qkv: Tensor, decay: Tensor | None, beta: Tensor | None, past_state: Tensor, a_log: Tensor,
-                    dt_bias: Tensor, update_rule: str) -> tuple[Tensor, Tensor]:
-    """ONNX Runtime's GatedDeltaNet (CUDA only) for one token, with packed `qkv [B, 2*N*K + N*V]` (all heads' q,
-    then k, then v), the V-major state `[B, N, V, K]`, and the raw gate inputs `[B, N]` it activates itself:
+def gated_delta_net(q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta: Tensor | None, past_state: Tensor,
+                    a_log: Tensor, dt_bias: Tensor, update_rule: str) -> tuple[Tensor, Tensor]:
+    """ONNX Runtime's GatedDeltaNet (CUDA only) for one token, with q, k `[B, N, K]` and v `[B, N, V]` (token-major,
+    one token per sequence), the V-major state `[B, N, V, K]`, and the raw gate inputs `[B, N]` it activates itself:
     q and k l2-normalised as x / sqrt(|x|^2 + 1e-12); alpha = exp(-exp(a_log) * softplus(decay + dt_bias)) (1
     without decay), beta = sigmoid(beta) (1 without); S' = alpha S + k (beta (v - alpha S^T k))^T for the delta
-    rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major)."""
-    B, N, V, K = past_state.shape
-    q, k, v = qkv.split([N * K, N * K, N * V], dim=-1)
-    q, k = (t.reshape(B, N, K) * torch.rsqrt(t.reshape(B, N, K).square().sum(-1, keepdim=True) + 1e-12)
-            for t in (q, k))
+    rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major).
+
+    q, k and v go in as three inputs: given them packed in one (the op's other form), ONNX Runtime 1.31 copies them
+    apart first, extra launches at decode time."""
+    K = past_state.shape[-1]
+    q, k = (t * torch.rsqrt(t.square().sum(-1, keepdim=True) + 1e-12) for t in (q, k))
     state = past_state.transpose(-1, -2)  # [B, N, K, V]
     if decay is not None:
         state = torch.exp(-a_log.exp() * F.softplus(decay + dt_bias))[..., None, None] * state
-    u = v.reshape(B, N, V)
+    u = v
     if update_rule in ("delta", "gated_delta"):
         u = (beta.sigmoid() if beta is not None else 1)[..., None] * (u - torch.einsum("bnk,bnkv->bnv", k, state))
     new_state = state + k[..., None] * u[:, :, None]
@@ -211,14 +212,13 @@ def gated_delta_net(qkv: Tensor, decay: Tensor | None, beta: Tensor | None, past
 
 
 @gated_delta_net.register_fake
-def _(qkv, decay, beta, past_state, a_log, dt_bias, update_rule):
-    B, N, V, _ = past_state.shape
-    return qkv.new_empty(B, N, V), torch.empty_like(past_state)
+def _(q, k, v, decay, beta, past_state, a_log, dt_bias, update_rule):
+    return torch.empty_like(v), torch.empty_like(past_state)
 
 
-def _gated_delta_net_onnx(qkv, decay, beta, past_state, a_log, dt_bias, update_rule: str):
+def _gated_delta_net_onnx(q, k, v, decay, beta, past_state, a_log, dt_bias, update_rule: str):
     gated = decay is not None
-    return _GATED_DELTA_NET(qkv, None, None, None, decay, beta, past_state, a_log if gated else None,
+    return _GATED_DELTA_NET(q, k, v, None, decay, beta, past_state, a_log if gated else None,
                             dt_bias if gated else None, update_rule=update_rule, qk_l2_norm=1,
                             gate_activation="qwen" if gated else "none",
                             beta_activation="sigmoid" if beta is not None else "none", _num_outputs=2)

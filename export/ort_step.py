@@ -90,9 +90,9 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     """`mom_step_ort` for ONNX Runtime's CUDA provider only: the update rule, the q/k l2 norm and the gates of every
     slot in one `GatedDeltaNet` node (no CPU kernel), on the memories `[B, S*H, V, K]` (V-major: the same bytes as
     `mom_step_ort`'s) and the conv windows `[B, S*C, W-1]` with the channels block-major (every slot's q, then every
-    slot's k, then every slot's v), so that the conv's output is the node's packed q|k|v as it is: no Split after the
-    conv. Its l2 norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of
-    5e-7 / |x|^2). Returns the normalised output `[B, H, V]` in at least fp32, the new memories and windows."""
+    slot's k, then every slot's v), so that one Split cuts the conv's output into the node's q, k and v. Its l2
+    norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of 5e-7 / |x|^2).
+    Returns the normalised output `[B, H, V]` in at least fp32, the new memories and windows."""
     B, SC = conv.shape[:2]
     q_weight, k_weight, v_weight = conv_weights
     HK, HV = q_weight.shape[0], v_weight.shape[0]
@@ -125,7 +125,9 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
         decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
     per_slot = (x.new_zeros(S * H), x.new_zeros(S * H)) if A_log is None else (
         A_log.to(x.dtype).repeat(S), dt_bias.to(x.dtype).repeat(S))  # fp32 in the graphs (the op's type)
-    o, new_memory = gated_delta_net(qkv, decay, beta, memory, *per_slot, RULES[A_log is not None, delta])
+    q, k, v = qkv.split([S * HK, S * HK, S * HV], dim=-1)
+    o, new_memory = gated_delta_net(q.reshape(B, S * H, -1), k.reshape(B, S * H, -1), v.reshape(B, S * H, V), decay,
+                                    beta, memory, *per_slot, RULES[A_log is not None, delta])
     return _mix_and_norm(weight_BS, o, blocks["g"], o_norm, H, V), new_memory, new_conv
 
 

@@ -204,8 +204,9 @@ def test_gated_delta_net_is_the_other_fused_ops(rule):
     for raw in (decay, beta):
         if raw is not None:
             raw[0, 1] = float("-inf")
-    o, new_state = gated_delta_net(qkv, decay, beta, state, a_log, dt_bias, rule)
     q, k, v = qkv.split([N * K, N * K, N * V], dim=-1)
+    o, new_state = gated_delta_net(q.reshape(B, N, K), k.reshape(B, N, K), v.reshape(B, N, V), decay, beta, state,
+                                   a_log, dt_bias, rule)
     q, k = (t.reshape(B, N, K) * torch.rsqrt(t.reshape(B, N, K).square().sum(-1, keepdim=True) + 1e-12)
             for t in (q, k))
     g, b = decay_gate(decay if gated else torch.zeros(B, N), dt_bias, -a_log.exp(),
