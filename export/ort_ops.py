@@ -196,8 +196,8 @@ def gated_delta_net(q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta:
     without decay), beta = sigmoid(beta) (1 without); S' = alpha S + k (beta (v - alpha S^T k))^T for the delta
     rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major).
 
-    q, k and v go in as three inputs: given them packed in one (the op's other form), ONNX Runtime 1.31 copies them
-    apart first, extra launches at decode time."""
+    q, k and v go in as three inputs: given them packed in one (the op's other form), ONNX Runtime 1.31.1 made four
+    device-to-device copies per node in an H100 profile, where one Split of the packed tensor is one launch."""
     K = past_state.shape[-1]
     q, k = (t * torch.rsqrt(t.square().sum(-1, keepdim=True) + 1e-12) for t in (q, k))
     state = past_state.transpose(-1, -2)  # [B, N, K, V]

@@ -103,6 +103,9 @@ def test_gdn_with_attention_matches_eager_over_64_steps(tmp_path, ops):
     again, _ = bundle.step(np.array([5, 7]), state)
     assert np.array_equal(logits, again) and all(not a.any() for a in state.values())
     assert np.array_equal(bundle.stepper(bundle.init_state(2)).step(np.array([5, 7])), logits)
+    stepper = bundle.stepper(bundle.init_state(2))  # advance: the same step, the logits left in its buffer
+    stepper.advance(np.array([5, 7]))
+    assert np.array_equal(stepper.logits.numpy(), logits) and stepper.current == 1
     assert_replays_after_reset(bundle, 3)  # the positions are reset too
 
 
