@@ -125,10 +125,10 @@ class OnnxStep:
         if not isinstance(state, OnnxState):
             state = OnnxState(self.bundle.stepper(self._onnx_state(state)), self.bundle.state_bytes(
                 token_ids_B.shape[0]))
-        stepper = state.stepper
-        stepper.advance(token_ids_B.cpu().numpy())
+        stepper, ids_B = state.stepper, token_ids_B.cpu().numpy()
         if self.device.type == "cpu":
-            return torch.from_numpy(stepper.logits.numpy().copy()), state
+            return torch.from_numpy(stepper.step(ids_B)), state
+        stepper.advance(ids_B)
         # the logits stay where ONNX Runtime wrote them (as the other backends' do): a view of its buffer, valid
         # until the next step (the run has finished: ONNX Runtime synchronises its stream before returning)
         return torch.from_dlpack(stepper.logits._get_c_value().to_dlpack()), state
