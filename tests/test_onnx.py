@@ -254,6 +254,21 @@ def test_cuda_only_graphs_have_one_gated_delta_net_node_a_layer(tmp_path):
         assert {producer[i].op_type for i in concat.input} == {"Split"}, concat
 
 
+def test_cuda_only_fp16_graphs_keep_their_layers_in_fp16_without_slices(tmp_path):
+    """Every node is a launch at decode time: an fp16 graph's MoM layers and MLPs have no Cast (the model's Casts are
+    the embedding's norm and the logits'), and each packed projection is cut by Splits, not Slices."""
+    from momctl.export.onnx_export import _cast, _export_graph
+    from momctl.export.onnx_io import io_specs
+    from momctl.export.step_weights import pack_for_decoding
+
+    model = _cast(random_model(small_config(num_layers=4, shared_memory=True)), torch.float16)
+    pack_for_decoding(model)
+    _export_graph(model, tmp_path / "m.onnx", *io_specs(model.config, 0, "onnxruntime-cuda"), 0, 18,
+                  "onnxruntime-cuda")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    assert ops["Cast"] < model.config.num_layers and not ops["Slice"], ops
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and _onnxruntime_has_cuda(), reason="this machine can run them")
 def test_cuda_only_graphs_are_one_line_errors_without_cuda(run_dir, bundle_dir, tmp_path):
     assert_one_line_error(momctl("export", "onnx", run_dir, "--out", tmp_path / "b", "--ops", "onnxruntime-cuda"),
