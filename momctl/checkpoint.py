@@ -356,6 +356,10 @@ def _step_of(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
 
+# export/runtime.py's FORMAT: a bundle passed where a checkpoint is expected gets an error that names the way out
+_ONNX_BUNDLE_FORMAT = "momctl-onnx-bundle"
+
+
 def _read_manifest(folder: Path) -> dict:
     """The checked manifest of a checkpoint folder; MomctlError says what the folder is instead."""
     if not folder.is_dir():
@@ -372,6 +376,9 @@ def _read_manifest(folder: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise MomctlError(f"{path} is unreadable ({_one_line(exc)}): the checkpoint is corrupt; use an earlier step") \
             from exc
+    if isinstance(manifest, dict) and manifest.get("format") == _ONNX_BUNDLE_FORMAT:
+        raise MomctlError(f"{folder} is an ONNX bundle from `momctl export onnx`, not a checkpoint: run it with "
+                          f"`momctl generate {folder} --backend onnx`, or pass a run folder or checkpoint here")
     problem = _manifest_problem(manifest)
     if problem is None and _STEP_RE.fullmatch(folder.name) and _step_of(folder) != manifest["step"]:
         problem = f"the folder is named {folder.name} but holds step {manifest['step']} (renamed?)"

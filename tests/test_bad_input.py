@@ -144,6 +144,13 @@ def test_existing_run_needs_resume(env, tmp_path, trained):
     assert_one_line_error(momctl(env, "train", "--out", run), "--resume auto")
 
 
+def test_an_onnx_bundle_without_backend_onnx(env, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"format": "momctl-onnx-bundle", "version": 1}')
+    assert_one_line_error(momctl(env, "generate", bundle), "ONNX bundle", "--backend onnx")
+
+
 def test_negative_temperature(env, trained):
     assert_one_line_error(momctl(env, "generate", trained, "--temperature", "-1"), "temperature")
 
