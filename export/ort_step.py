@@ -20,15 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ort_ops import (
-    add_rms_norm,
-    causal_conv_silu,
-    decay_gate,
-    gated_delta_net,
-    gated_rms_norm,
-    greater_or_equal,
-    linear_attention,
-)
+from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_delta_net, gated_rms_norm, linear_attention
 
 # (has decay, has beta) -> ONNX Runtime's update rule
 RULES = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
@@ -100,16 +92,14 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     `mom_step_ort`'s) and the conv windows `[B, S*C, W-1]` with the channels block-major (every slot's q, then every
     slot's k, then every slot's v), so that one Split cuts the conv's output into the node's q, k and v. Its l2
     norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of 5e-7 / |x|^2).
-    Everything but the state and the decay parameters stays in the projection's dtype (fp16 in fp16 graphs), so
-    the graph has no Casts; the op computes in fp32. Returns the normalised output `[B, H, V]` in the projection's
-    dtype, the new memories and windows."""
+    Returns the normalised output `[B, H, V]` in at least fp32, the new memories and windows."""
     B, SC = conv.shape[:2]
     q_weight, k_weight, v_weight = conv_weights
     HK, HV = q_weight.shape[0], v_weight.shape[0]
     S = SC // (2 * HK + HV)
     V = memory.shape[2]
     H = HV // V
-    x = proj  # in the graph's dtype: GatedDeltaNet activates fp16 gates in fp32 itself, and a Cast is a launch
+    x = proj.to(torch.promote_types(proj.dtype, torch.float32))
     blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV, alone=(("q",), ("k", "v")))
     weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
 
@@ -133,9 +123,8 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
         beta = torch.where(touched, blocks["b"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
     elif A_log is not None:
         decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
-    state_dtype = memory.dtype  # the op's a_log and dt_bias have the state's type (fp32 in the graphs)
-    per_slot = (memory.new_zeros(S * H), memory.new_zeros(S * H)) if A_log is None else (
-        A_log.to(state_dtype).repeat(S), dt_bias.to(state_dtype).repeat(S))
+    per_slot = (x.new_zeros(S * H), x.new_zeros(S * H)) if A_log is None else (
+        A_log.to(x.dtype).repeat(S), dt_bias.to(x.dtype).repeat(S))  # fp32 in the graphs (the op's type)
     q, k, v = qkv.split([S * HK, S * HK, S * HV], dim=-1)
     o, new_memory = gated_delta_net(q.reshape(B, S * H, -1), k.reshape(B, S * H, -1), v.reshape(B, S * H, V), decay,
                                     beta, memory, *per_slot, RULES[A_log is not None, delta])
@@ -200,7 +189,7 @@ def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x:
     base_BS = torch.cat([x.new_full((E,), -1.0), x.new_ones(S - E)]).expand(B, S)
     top_logits, top_i = logits_BE.topk(top_k, dim=-1)
     scattered = base_BS.scatter(-1, top_i, top_logits.softmax(-1))
-    return scattered.relu(), greater_or_equal(scattered, scattered.new_zeros(()))
+    return scattered.relu(), scattered >= 0
 
 
 def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:
