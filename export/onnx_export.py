@@ -33,13 +33,12 @@ from ..modules import RMSNorm
 from ..state import StepState
 from ..state_file import config_sha256
 from ..tokenizers import describe_tokenizer, save_tokenizer
-from . import DEFAULT_MAX_LENGTH
+from . import BUNDLE_FORMAT, DEFAULT_MAX_LENGTH
 from .onnx_io import OnnxStep, io_specs, state_specs, to_onnx_layout
 from .ort_ops import TRANSLATIONS
 from .runtime import load_error
 from .step_weights import pack_for_decoding
 
-FORMAT = "momctl-onnx-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -119,9 +118,9 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
         max_err = verify(tmp / MODEL_FILE, model, capacity, verify_steps, TOLERANCE[dtype], ops, provider)
         save_tokenizer(tokenizer, tmp)
         manifest = {
-            "format": FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset, "ops": ops,
-            "max_length": capacity or None, "config": config.to_dict(), "config_sha256": config_sha256(config),
-            "source": source, "tokenizer": describe_tokenizer(tokenizer),
+            "format": BUNDLE_FORMAT, "version": VERSION, "model": MODEL_FILE, "dtype": dtype, "opset": opset,
+            "ops": ops, "max_length": capacity or None, "config": config.to_dict(),
+            "config_sha256": config_sha256(config), "source": source, "tokenizer": describe_tokenizer(tokenizer),
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
             "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity, ops)],
             "verification": {"steps": verify_steps, "provider": provider, "max_rel_error": max_err,

@@ -27,8 +27,8 @@ import onnxruntime as ort
 from ..errors import MomctlError
 from ..sampling import GenerationStats, SamplingConfig, TextStreams, encode_prompts
 from ..tokenizers import load_saved_tokenizer
+from . import BUNDLE_FORMAT
 
-FORMAT = "momctl-onnx-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
@@ -326,8 +326,8 @@ def _read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise MomctlError(f"{path} is unreadable ({_one_line(err)}): export the bundle again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise MomctlError(f"{path} is not a momctl ONNX bundle manifest (no format={FORMAT!r}); export again")
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise MomctlError(f"{path} is not a momctl ONNX bundle manifest (no format={BUNDLE_FORMAT!r}); export again")
     if manifest.get("version") != VERSION:
         raise MomctlError(f"{path} is a version {manifest.get('version')!r} bundle, this momctl reads version "
                           f"{VERSION}: export the bundle again with this momctl")

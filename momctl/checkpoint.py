@@ -28,6 +28,7 @@ import safetensors.torch
 import torch
 
 from .errors import MomctlError
+from .export import BUNDLE_FORMAT
 
 FORMAT = "momctl-checkpoint"
 VERSION = 1
@@ -356,10 +357,6 @@ def _step_of(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
 
-# export/runtime.py's FORMAT: a bundle passed where a checkpoint is expected gets an error that names the way out
-_ONNX_BUNDLE_FORMAT = "momctl-onnx-bundle"
-
-
 def _read_manifest(folder: Path) -> dict:
     """The checked manifest of a checkpoint folder; MomctlError says what the folder is instead."""
     if not folder.is_dir():
@@ -376,7 +373,7 @@ def _read_manifest(folder: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise MomctlError(f"{path} is unreadable ({_one_line(exc)}): the checkpoint is corrupt; use an earlier step") \
             from exc
-    if isinstance(manifest, dict) and manifest.get("format") == _ONNX_BUNDLE_FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT:
         raise MomctlError(f"{folder} is an ONNX bundle from `momctl export onnx`, not a checkpoint: run it with "
                           f"`momctl generate {folder} --backend onnx`, or pass a run folder or checkpoint here")
     problem = _manifest_problem(manifest)
