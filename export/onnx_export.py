@@ -5,11 +5,11 @@ tokenizer files and `manifest.json` (inputs, outputs, which output feeds which i
 itself: it runs fed-back steps in ONNX Runtime (CPU) against PyTorch and fails if the logits differ.
 
 The graph comes from torch.onnx.export's torch.export-based exporter (opset 18 and up; the TorchScript exporter is
-deprecated). fp32 graphs are for CPUs; fp16 graphs (fp32 norms, decay parameters and state) are for GPUs. MoM layers
-step on ONNX Runtime's fused recurrent ops by default (`--ops onnxruntime`: `ort_ops.py`, a few nodes a layer), on
-them with the recurrence on its CUDA-only GatedDeltaNet (`--ops onnxruntime-cuda`: fewer nodes, verified on the CUDA
-provider), or on standard ONNX ops only (`--ops standard`: about a hundred nodes a layer, for runtimes other than
-ONNX Runtime).
+deprecated). fp32 graphs are for CPUs; fp16 graphs (fp32 norms, decay parameters and state, but fp16 conv windows on
+`onnxruntime-cuda`) are for GPUs. MoM layers step on ONNX Runtime's fused recurrent ops by default (`--ops
+onnxruntime`: `ort_ops.py`, a few nodes a layer), on them with the recurrence on its CUDA-only GatedDeltaNet (`--ops
+onnxruntime-cuda`: fewer nodes, verified on the CUDA provider), or on standard ONNX ops only (`--ops standard`: about
+a hundred nodes a layer, for runtimes other than ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..tokenizers import describe_tokenizer, save_tokenizer
 from . import BUNDLE_FORMAT, DEFAULT_MAX_LENGTH
 from .onnx_io import OnnxStep, io_specs, state_specs, to_onnx_layout
 from .ort_ops import TRANSLATIONS
-from .runtime import load_error
+from .runtime import ORT_TYPES, load_error
 from .step_weights import pack_for_decoding
 
 VERSION = 1
@@ -104,7 +104,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
     if not config.attention_layers and max_length != DEFAULT_MAX_LENGTH:
         warnings.warn(f"--max-length {max_length} has no effect: the model has no attention layers, and its state "
                       f"does not grow with the length", stacklevel=2)
-    inputs, outputs = io_specs(config, capacity, ops)
+    inputs, outputs = io_specs(config, capacity, ops, dtype)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +122,7 @@ def export_bundle(model: torch.nn.Module, tokenizer, out: str | Path, *, dtype: 
             "ops": ops, "max_length": capacity or None, "config": config.to_dict(),
             "config_sha256": config_sha256(config), "source": source, "tokenizer": describe_tokenizer(tokenizer),
             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
-            "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity, ops)],
+            "state": [{"input": s.past, "output": s.present} for s in state_specs(config, capacity, ops, dtype)],
             "verification": {"steps": verify_steps, "provider": provider, "max_rel_error": max_err,
                              "tolerance": TOLERANCE[dtype]},
         }
@@ -172,7 +172,9 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def _export_graph(model, path: Path, inputs, outputs, capacity: int, opset: int, ops: str) -> int:
     """Write the graph to `path` (weights as external data past EXTERNAL_DATA_BYTES). Returns its bytes."""
     state = StepState.from_inference(model.init_state(EXAMPLE_BATCH), capacity=capacity or None)
-    args = (torch.zeros(EXAMPLE_BATCH, dtype=torch.long), *to_onnx_layout(state, ops))
+    past = to_onnx_layout(state, ops)  # inputs after input_ids: in their specs' dtypes
+    args = (torch.zeros(EXAMPLE_BATCH, dtype=torch.long),
+            *(t.to(getattr(torch, spec.dtype)) for t, spec in zip(past, inputs[1:], strict=True)))
     batch = torch.export.Dim("batch", min=1, max=MAX_TRACED_BATCH)
     dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in args[1:]))
     # The exporter logs that torchvision is absent (its ops are not needed here) and warns about its own internals.
@@ -232,7 +234,8 @@ def verify(path: Path, model: torch.nn.Module, capacity: int, steps: int, tolera
     tokens = torch.randint(0, c.vocab_size, (steps, B), generator=torch.Generator().manual_seed(0))
     state = StepState.from_inference(model.init_state(B), capacity=capacity or None)
     names = [i.name for i in session.get_inputs()]
-    past = [t.numpy() for t in to_onnx_layout(state, ops)]
+    past = [t.numpy().astype(ORT_TYPES[i.type]) for t, i in zip(to_onnx_layout(state, ops), session.get_inputs()[1:],
+                                                                 strict=True)]
     worst = 0.0
     for t in range(steps):
         with torch.no_grad():

@@ -13,6 +13,9 @@ with each thread of a warp on another row, which is a coalesced read only when a
 its CUDA-only GatedDeltaNet (`onnxruntime-cuda`) take the same bytes as `[B, S*H, V, K]`, and their conv windows
 block-major (every slot's q channels, then every slot's k, then every slot's v) instead of slot by slot.
 
+The state is fp32, except the conv windows of fp16 `onnxruntime-cuda` graphs (fp16, as onnxruntime-genai keeps a
+conv state in the activations' type).
+
 Legend: B batch, W vocabulary, S slots (E routed memories + the shared one), H heads, K key head dim, V value head
 dim, C conv channels of one slot, h key/value heads of an attention layer, L KV-cache capacity, d its head dim.
 """
@@ -52,9 +55,9 @@ class StateSpec:
     dtype: str = "float32"
 
 
-def state_specs(config: ModelConfig, capacity: int, ops: str) -> list[StateSpec]:
+def state_specs(config: ModelConfig, capacity: int, ops: str, dtype: str = "fp32") -> list[StateSpec]:
     """The state tensors of every layer, in graph order (`capacity` = L, the KV positions of attention layers;
-    `ops` the graph's ops, which set the memories' layout)."""
+    `ops` the graph's ops, which set the memories' layout; `dtype` the graph's, which sets the windows')."""
     c = config
     specs = []
     for i in range(c.num_layers):
@@ -68,9 +71,15 @@ def state_specs(config: ModelConfig, capacity: int, ops: str) -> list[StateSpec]
                 StateSpec(f"past_key_values.{i}.recurrent_state", f"present.{i}.recurrent_state",
                           memory_shape(c, ops)),
                 StateSpec(f"past_key_values.{i}.conv_state", f"present.{i}.conv_state",
-                          (BATCH, c.num_slots * conv_channels, c.conv_size - 1)),
+                          (BATCH, c.num_slots * conv_channels, c.conv_size - 1), conv_state_dtype(ops, dtype)),
             ]
     return specs
+
+
+def conv_state_dtype(ops: str, dtype: str) -> str:
+    """The conv windows' numpy dtype: fp16 in fp16 `onnxruntime-cuda` graphs, whose layers run in fp16 (a window
+    holds projection outputs, fp16 values in an fp16 graph, so fp32 would only widen them), fp32 otherwise."""
+    return "float16" if ops == "onnxruntime-cuda" and dtype == "fp16" else "float32"
 
 
 def memory_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
@@ -84,9 +93,10 @@ def memory_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
     return BATCH, c.num_slots * c.num_heads, c.head_dim, c.head_v_dim
 
 
-def io_specs(config: ModelConfig, capacity: int, ops: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def io_specs(config: ModelConfig, capacity: int, ops: str,
+             dtype: str = "fp32") -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs, in order."""
-    states = state_specs(config, capacity, ops)
+    states = state_specs(config, capacity, ops, dtype)
     inputs = [TensorSpec("input_ids", (BATCH,), "int64")]
     if config.attention_layers:
         inputs.append(TensorSpec("position_ids", (BATCH,), "int64"))
@@ -128,7 +138,8 @@ class OnnxStep(nn.Module):
     """The exported function: `(input_ids, [position_ids], *past) -> (logits, *present)` in the ONNX layouts.
 
     Args:
-        model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state stays fp32.
+        model: a `MoMForCausalLM` (fp32, or fp16 with fp32 norms and decay parameters); the state is fp32 but for
+            the windows of `conv_state_dtype`, which come in and go out in the dtype they are given in.
         ops: `onnxruntime`: MoM layers step on ONNX Runtime's fused ops (`ort_step.py`) and each residual add is
             fused with the norm after it; `onnxruntime-cuda`: the same with the recurrence on its CUDA-only
             GatedDeltaNet; `standard`: standard ONNX ops only (`mom_step_ref`).

@@ -7,7 +7,8 @@ CPU and CUDA kernels in ONNX Runtime (checked with 1.31.1); `GatedDeltaNet` (l2 
 token in one node) has a CUDA kernel only. Each op here runs in PyTorch with the semantics of ONNX
 Runtime's kernel (written out below; tests/test_ort_step.py checks them against ONNX Runtime's CPU kernels, and
 GatedDeltaNet against the other ops; tests/test_onnx.py's GPU tests run its graphs on the CUDA provider), traces as
-one opaque node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes.
+one opaque node under torch.export, and `TRANSLATIONS` tells torch.onnx.export which ONNX node it becomes. One
+standard op is here too, `greater_or_equal`, to keep it in fp16 (the exporter would put a Cast before it).
 
 Shapes as ONNX Runtime takes them: B batch, N heads (all slots' heads), K key dim, V value dim, C channels, W filter
 width; a `[B, 1, N*K]` tensor is one token's heads packed along the last axis.
@@ -71,7 +72,7 @@ _GATED_NORM = onnxscript.values.Op(_OPSET, "GatedRMSNorm", _schema(
 _GATED_DELTA_NET = onnxscript.values.Op(_OPSET, "GatedDeltaNet", _schema(
     "GatedDeltaNet",
     [("query", "T", False), ("key", "T", True), ("value", "T", True), ("cu_seqlens", "TI", True),
-     ("decay", "T", True), ("beta", "T", True), ("initial_state", "TS", True), ("a_log", "TS", True),
+     ("decay", "TS", True), ("beta", "TS", True), ("initial_state", "TS", True), ("a_log", "TS", True),
      ("dt_bias", "TS", True)],
     [("output", "T"), ("final_state", "TS")],
     {"update_rule": _ATTR.STRING, "gate_activation": _ATTR.STRING, "beta_activation": _ATTR.STRING,
@@ -194,21 +195,24 @@ def gated_delta_net(q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta:
     one token per sequence), the V-major state `[B, N, V, K]`, and the raw gate inputs `[B, N]` it activates itself:
     q and k l2-normalised as x / sqrt(|x|^2 + 1e-12); alpha = exp(-exp(a_log) * softplus(decay + dt_bias)) (1
     without decay), beta = sigmoid(beta) (1 without); S' = alpha S + k (beta (v - alpha S^T k))^T for the delta
-    rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major).
+    rules, alpha S + k v^T otherwise; o = K^-0.5 q^T S'. Returns o `[B, N, V]` and S' (V-major). q, k, v and o
+    have the graph's dtype; the gates, the state, a_log and dt_bias are the state's (float in ONNX Runtime), and
+    the op computes in it.
 
     q, k and v go in as three inputs: given them packed in one (the op's other form), ONNX Runtime 1.31.1 made four
     device-to-device copies per node in an H100 profile, where one Split of the packed tensor is one launch."""
     K = past_state.shape[-1]
-    q, k = (t * torch.rsqrt(t.square().sum(-1, keepdim=True) + 1e-12) for t in (q, k))
+    f = past_state.dtype  # computed in the state's type (fp32 in the graphs); o comes back in v's
+    q, k = (t.to(f) * torch.rsqrt(t.to(f).square().sum(-1, keepdim=True) + 1e-12) for t in (q, k))
     state = past_state.transpose(-1, -2)  # [B, N, K, V]
     if decay is not None:
         state = torch.exp(-a_log.exp() * F.softplus(decay + dt_bias))[..., None, None] * state
-    u = v
+    u = v.to(f)
     if update_rule in ("delta", "gated_delta"):
         u = (beta.sigmoid() if beta is not None else 1)[..., None] * (u - torch.einsum("bnk,bnkv->bnv", k, state))
     new_state = state + k[..., None] * u[:, :, None]
     o = torch.einsum("bnk,bnkv->bnv", q, new_state) * K ** -0.5
-    return o, new_state.transpose(-1, -2).contiguous()
+    return o.to(v.dtype), new_state.transpose(-1, -2).contiguous()
 
 
 @gated_delta_net.register_fake
@@ -224,6 +228,22 @@ def _gated_delta_net_onnx(q, k, v, decay, beta, past_state, a_log, dt_bias, upda
                             beta_activation="sigmoid" if beta is not None else "none", _num_outputs=2)
 
 
+@torch.library.custom_op("momctl_ort::greater_or_equal", mutates_args=())
+def greater_or_equal(x: Tensor, y: Tensor) -> Tensor:
+    """x >= y (y a scalar tensor of x's dtype) as one standard GreaterOrEqual node in x's dtype: the exporter's own
+    decomposition compares fp16 in fp32, after a Cast (a launch more a layer)."""
+    return x >= y
+
+
+@greater_or_equal.register_fake
+def _(x, y):
+    return torch.empty_like(x, dtype=torch.bool)
+
+
+def _greater_or_equal_onnx(x, y):
+    return onnxscript.opset18.GreaterOrEqual(x, y)
+
+
 # torch.onnx.export's custom_translation_table
 TRANSLATIONS = {
     torch.ops.momctl_ort.linear_attention.default: _linear_attention_onnx,
@@ -232,4 +252,5 @@ TRANSLATIONS = {
     torch.ops.momctl_ort.add_rms_norm.default: _add_rms_norm_onnx,
     torch.ops.momctl_ort.gated_rms_norm.default: _gated_rms_norm_onnx,
     torch.ops.momctl_ort.gated_delta_net.default: _gated_delta_net_onnx,
+    torch.ops.momctl_ort.greater_or_equal.default: _greater_or_equal_onnx,
 }

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ort_ops import add_rms_norm, causal_conv_silu, decay_gate, gated_delta_net, gated_rms_norm, linear_attention
+from .ort_ops import (
+    add_rms_norm,
+    causal_conv_silu,
+    decay_gate,
+    gated_delta_net,
+    gated_rms_norm,
+    greater_or_equal,
+    linear_attention,
+)
 
 # (has decay, has beta) -> ONNX Runtime's update rule
 RULES = {(False, False): "linear", (True, False): "gated", (False, True): "delta", (True, True): "gated_delta"}
@@ -92,14 +100,18 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     `mom_step_ort`'s) and the conv windows `[B, S*C, W-1]` with the channels block-major (every slot's q, then every
     slot's k, then every slot's v), so that one Split cuts the conv's output into the node's q, k and v. Its l2
     norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of 5e-7 / |x|^2).
-    Returns the normalised output `[B, H, V]` in at least fp32, the new memories and windows."""
+
+    The layer runs in the windows' dtype: fp16 graphs keep fp16 windows (they hold fp16 projection outputs, so
+    nothing is rounded away), and then have no Cast but the gates' (GatedDeltaNet takes them in the state's fp32);
+    fp32 windows promote an fp16 projection to fp32 (ONNX Runtime binds one type to the conv's input and window).
+    Returns the normalised output `[B, H, V]` in that dtype, the new memories and windows."""
     B, SC = conv.shape[:2]
     q_weight, k_weight, v_weight = conv_weights
     HK, HV = q_weight.shape[0], v_weight.shape[0]
     S = SC // (2 * HK + HV)
     V = memory.shape[2]
     H = HV // V
-    x = proj.to(torch.promote_types(proj.dtype, torch.float32))
+    x = proj.to(torch.promote_types(proj.dtype, conv.dtype))
     blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV, alone=(("q",), ("k", "v")))
     weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
 
@@ -116,15 +128,16 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
         qkv = torch.where(touched_C[..., 0], qkv, 0)
     touched = touched_BS[..., None]  # [B, S, 1]: broadcast over heads
     decay = beta = None
+    f = memory.dtype  # the gates, a_log and dt_bias have the state's type (fp32 in the graphs)
     if A_log is not None and delta:  # b and a are adjacent: one select (gate inputs -inf: decay 0, beta 0)
-        b_a = torch.where(touched[:, None], blocks["ba"].reshape(B, 2, S, H), float("-inf"))
+        b_a = torch.where(touched[:, None], blocks["ba"].reshape(B, 2, S, H), float("-inf")).to(f)
         beta, decay = b_a.reshape(B, 2 * S * H).split(S * H, dim=-1)  # one Split (unbind: two Slices)
     elif delta:
-        beta = torch.where(touched, blocks["b"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
+        beta = torch.where(touched, blocks["b"].reshape(B, S, H), float("-inf")).reshape(B, S * H).to(f)
     elif A_log is not None:
-        decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H)
-    per_slot = (x.new_zeros(S * H), x.new_zeros(S * H)) if A_log is None else (
-        A_log.to(x.dtype).repeat(S), dt_bias.to(x.dtype).repeat(S))  # fp32 in the graphs (the op's type)
+        decay = torch.where(touched, blocks["a"].reshape(B, S, H), float("-inf")).reshape(B, S * H).to(f)
+    per_slot = (memory.new_zeros(S * H), memory.new_zeros(S * H)) if A_log is None else (
+        A_log.to(f).repeat(S), dt_bias.to(f).repeat(S))
     q, k, v = qkv.split([S * HK, S * HK, S * HV], dim=-1)
     o, new_memory = gated_delta_net(q.reshape(B, S * H, -1), k.reshape(B, S * H, -1), v.reshape(B, S * H, V), decay,
                                     beta, memory, *per_slot, RULES[A_log is not None, delta])
@@ -189,7 +202,7 @@ def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x:
     base_BS = torch.cat([x.new_full((E,), -1.0), x.new_ones(S - E)]).expand(B, S)
     top_logits, top_i = logits_BE.topk(top_k, dim=-1)
     scattered = base_BS.scatter(-1, top_i, top_logits.softmax(-1))
-    return scattered.relu(), scattered >= 0
+    return scattered.relu(), greater_or_equal(scattered, scattered.new_zeros(()))
 
 
 def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:

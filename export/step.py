@@ -103,7 +103,7 @@ def mom_step(mixer: MoMMixer, x_BD: torch.Tensor, state: MemoryState, out: Memor
     A_log, dt_bias = (mixer.A_log, mixer.dt_bias) if c.has_decay else (None, None)
     options = dict(num_memories=c.num_memories, top_k=c.top_k, delta=c.has_beta,
                    conv_every_slot=c.conv_scope == "time")
-    if memory_step is not None:  # exported graphs: the output comes back mixed and normalised (fp32)
+    if memory_step is not None:  # exported graphs: the output comes back mixed and normalised
         o_BHV, memory, conv = memory_step(proj_BP, columns, conv_weights, A_log, dt_bias, state.memory, state.conv,
                                           mixer.o_norm, **options)
     else:

@@ -254,24 +254,32 @@ def test_cuda_only_graphs_have_one_gated_delta_net_node_a_layer(tmp_path):
         assert {producer[i].op_type for i in concat.input} == {"Split"}, concat
 
 
-def test_cuda_only_fp16_graphs_type_check_in_onnx_runtime_and_have_no_slices(tmp_path):
-    """ONNX Runtime type-checks a graph when it loads it, before it looks for kernels: on the CPU an fp16
-    onnxruntime-cuda graph must get as far as the missing GatedDeltaNet kernel (a graph whose fused ops bind fp16
-    and fp32 to one type parameter fails earlier, on every provider). Each packed projection is cut by Splits,
-    not Slices (every node is a launch at decode time)."""
+def test_cuda_only_fp16_graphs_run_their_layers_in_fp16_and_type_check_in_onnx_runtime(tmp_path):
+    """An fp16 onnxruntime-cuda graph keeps fp16 conv windows and runs its layers in fp16: one Cast a layer (the
+    gates, which GatedDeltaNet takes in fp32) and none for the projection, the conv or the norms; the packed
+    projections are cut by Splits, not Slices (every node is a launch at decode time). ONNX Runtime type-checks a
+    graph when it loads it, before it looks for kernels: on the CPU it must get as far as the missing GatedDeltaNet
+    kernel (a graph whose fused ops bind fp16 and fp32 to one type parameter fails earlier, on every provider)."""
     import onnxruntime
 
     from momctl.export.onnx_export import _cast, _export_graph
     from momctl.export.onnx_io import io_specs
     from momctl.export.step_weights import pack_for_decoding
 
-    model = _cast(random_model(small_config(num_layers=2, shared_memory=True)), torch.float16)
+    layers = 3
+    model = _cast(random_model(small_config(num_layers=layers, shared_memory=True)), torch.float16)
     pack_for_decoding(model)
-    _export_graph(model, tmp_path / "m.onnx", *io_specs(model.config, 0, "onnxruntime-cuda"), 0, 18,
+    _export_graph(model, tmp_path / "m.onnx", *io_specs(model.config, 0, "onnxruntime-cuda", "fp16"), 0, 18,
                   "onnxruntime-cuda")
-    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
     assert not ops["Slice"], ops
-    with pytest.raises(Exception, match="implementation for GatedDeltaNet"):
+    # the gates' Cast in each layer, plus the first norm's two (its input is not a residual add) and the logits'
+    assert ops["Cast"] == layers + 3, ops
+    conv_types = {i.type.tensor_type.elem_type for i in graph.input if i.name.endswith("conv_state")}
+    memory_types = {i.type.tensor_type.elem_type for i in graph.input if i.name.endswith("recurrent_state")}
+    assert conv_types == {onnx.TensorProto.FLOAT16} and memory_types == {onnx.TensorProto.FLOAT}
+    with pytest.raises(Exception, match=r"(implementation|kernel) for (com\.microsoft\.)?GatedDeltaNet"):
         onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
 
 
