@@ -72,7 +72,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32",
     Args:
         checkpoint: a run folder (its latest checkpoint) or a checkpoint folder.
         out: the bundle folder.
-        dtype: `fp32` (CPU) or `fp16` (CUDA; the memories stay fp32, and so do the conv windows but with
+        dtype: `fp32` (CPU) or `fp16` (CUDA; the memories stay fp32, and so do the conv windows except with
             `onnxruntime-cuda`).
         opset: ONNX opset, 18 to 23.
         max_length: KV-cache positions of attention layers (prompt + generated tokens); unused without them.

@@ -19,7 +19,7 @@ def onnx(
     checkpoint: Annotated[str, typer.Argument(help="A run folder (its latest checkpoint) or a checkpoint folder.")],
     out: Annotated[Path, typer.Option("--out", help="The bundle folder to write (new or empty).")],
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 (CPU) or fp16 (CUDA; fp32 memories, and fp32 conv "
-                                                       "windows but with --ops onnxruntime-cuda).")] = "fp32",
+                                                       "windows except with --ops onnxruntime-cuda).")] = "fp32",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18 to 23.")] = 18,
     max_length: Annotated[int, typer.Option("--max-length", help="KV-cache positions of attention layers "
                                                                  "(prompt + generated tokens).")] = DEFAULT_MAX_LENGTH,
