@@ -7,7 +7,9 @@ sequences then decode together.
 
 On the CUDA EP each batch size gets its own session, with the batch axis fixed (so the shape arithmetic folds away
 and every node runs on the GPU) and ONNX Runtime's CUDA graphs on: a step replays a captured graph instead of
-launching each node from the host. See `PingPongStepper` for why that needs the ping-pong.
+launching each node from the host. See `PingPongStepper` for why that needs the ping-pong. A caller that keeps its
+tokens on the GPU (the bench, with torch) can give the bundle a CUDA stream: the steps are then queued on it and
+return without waiting for the GPU (`OnnxBundle`'s `stream`).
 
 Legend: B batch, W vocabulary.
 """
@@ -49,17 +51,25 @@ class OnnxBundle:
     Args:
         folder: the bundle folder.
         device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when ONNX Runtime has it and the machine has an NVIDIA GPU).
+        stream: on CUDA, a stream handle (`cudaStream_t` as an int, e.g. `torch.cuda.Stream().cuda_stream`; not the
+            legacy default stream 0, on which CUDA graphs cannot be captured) for every session of the bundle to
+            run on. A stepper's `advance` then queues its step on that stream and returns without waiting for the
+            GPU; the caller orders its own work on the stream (see `PingPongStepper.advance`).
     """
 
-    def __init__(self, folder: str | Path, device: str = "auto") -> None:
+    def __init__(self, folder: str | Path, device: str = "auto", stream: int | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = _read_manifest(self.folder)
         self.device_type, self.device_id = _pick_device(device)
+        if stream is not None and (self.device_type != "cuda" or stream == 0):
+            raise MomctlError("a bundle runs on a given CUDA stream only on the CUDA provider, and not on the legacy "
+                              "default stream 0: pass a stream you created (torch.cuda.Stream().cuda_stream), or none")
+        self.stream = stream
         if self.manifest.get("ops") == CUDA_ONLY_OPS and self.device_type != "cuda":
             raise MomctlError(f"{self.folder} was exported with --ops {CUDA_ONLY_OPS}, which runs only on ONNX "
                               f"Runtime's CUDA provider: use --device cuda on a machine with an NVIDIA GPU and "
                               f"onnxruntime-gpu, or export again with --ops onnxruntime")
-        provider = ("CUDAExecutionProvider", {"device_id": self.device_id}) if self.device_type == "cuda" \
+        provider = ("CUDAExecutionProvider", self._cuda_options()) if self.device_type == "cuda" \
             else "CPUExecutionProvider"
         if self.device_type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* wheels (as torch installs them)
@@ -119,7 +129,7 @@ class OnnxBundle:
         # The graph's own name for the batch axis (the name the override matches).
         batch_axis = next(i.shape[0] for i in self.session.get_inputs() if i.name == "input_ids")
         options.add_free_dimension_override_by_name(batch_axis, batch_size)
-        provider = ("CUDAExecutionProvider", {"device_id": self.device_id, "enable_cuda_graph": "1"})
+        provider = ("CUDAExecutionProvider", {**self._cuda_options(), "enable_cuda_graph": "1"})
         try:
             # enable_fallback=0: on failure ONNX Runtime would otherwise print to stdout and retry on the CPU.
             session = ort.InferenceSession(str(self.folder / self.manifest["model"]), options, providers=[provider],
@@ -129,6 +139,13 @@ class OnnxBundle:
                           f"session ({_one_line(err)})", stacklevel=3)
             return self.session, False
         return session, True
+
+    def _cuda_options(self) -> dict[str, str]:
+        """The CUDA provider's options: the device, and the caller's stream if there is one."""
+        options = {"device_id": str(self.device_id)}
+        if self.stream is not None:
+            options.update(has_user_compute_stream="1", user_compute_stream=str(self.stream))
+        return options
 
     def state_bytes(self, batch_size: int) -> int:
         return sum(a.nbytes for a in self.init_state(batch_size).values())
@@ -192,6 +209,10 @@ class PingPongStepper:
     A stepper whose first capture fails (its first step in either direction) warns and goes on with the bundle's
     plain session; `graphs` says whether CUDA graphs are in use. On a CPU the same buffers and bindings serve the
     shared session, without graphs.
+
+    On a bundle with a stream, a step is queued on it and not waited for (ONNX Runtime's run option
+    `disable_synchronize_execution_providers`); the stepper itself waits for the GPU before the host reads or
+    writes its buffers (`step`'s logits, `state`, `reset`, an `advance` given host ids).
     """
 
     def __init__(self, bundle: OnnxBundle, state: dict[str, np.ndarray], session: ort.InferenceSession,
@@ -212,6 +233,8 @@ class PingPongStepper:
         for graph_id in ("1", "2"):  # one CUDA graph per direction (ignored without CUDA graphs)
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", graph_id)
+            if bundle.stream is not None:
+                options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             self.run_options.append(options)
         self._bind(session, graphs)
         self.reset(state)
@@ -237,6 +260,7 @@ class PingPongStepper:
         if _batch_size(state) != self.batch_size:
             raise MomctlError(f"this stepper decodes {self.batch_size} sequences, the state holds "
                               f"{_batch_size(state)}: get a stepper of that batch size from bundle.stepper(state)")
+        self._wait()
         for name, buffer in self.buffers[0].items():
             buffer.update_inplace(np.ascontiguousarray(state[name], dtype=self.bundle.inputs[name]["dtype"]))
         self.positions = state["position_ids"].astype(np.int64) if self.position_ids is not None else None
@@ -245,15 +269,23 @@ class PingPongStepper:
     def step(self, input_ids_B: np.ndarray) -> np.ndarray:
         """Feed one token per sequence; returns the logits `[B, W]` (on the host)."""
         self.advance(input_ids_B)
+        self._wait()
         logits_BW = self.logits.numpy()  # a copy from a GPU; a view of the buffer on a CPU
         return logits_BW.copy() if self.bundle.device_type == "cpu" else logits_BW
 
-    def advance(self, input_ids_B: np.ndarray) -> None:
+    def advance(self, input_ids_B: np.ndarray | None) -> None:
         """Feed one token per sequence and leave the logits in `self.logits`, on the session's device (overwritten by
-        the next step)."""
-        self.input_ids.update_inplace(np.ascontiguousarray(input_ids_B, dtype=np.int64))
-        if self.positions is not None:
-            self.position_ids.update_inplace(self.positions)
+        the next step). On a bundle with a stream the step is only queued on it, and `input_ids_B` may be None: the
+        caller has written the ids into `self.input_ids` on the device, ordered on that stream (and, for graphs with
+        positions, `self.positions` into `self.position_ids`)."""
+        if input_ids_B is not None:
+            self._wait()
+            self.input_ids.update_inplace(np.ascontiguousarray(input_ids_B, dtype=np.int64))
+            if self.positions is not None:
+                self.position_ids.update_inplace(self.positions)
+        elif self.bundle.stream is None:
+            raise MomctlError("advance(None) reads ids written on the device in stream order: the bundle needs a "
+                              "stream (OnnxBundle(..., stream=...)); pass the ids otherwise")
         self._run(self.current)
         self.current = 1 - self.current
         if self.positions is not None:
@@ -272,8 +304,14 @@ class PingPongStepper:
             self.session.run_with_iobinding(self.bindings[direction], self.run_options[direction])
         self.to_capture[direction] = False
 
+    def _wait(self) -> None:
+        """On a bundle with a stream: wait until the GPU has finished the queued steps."""
+        if self.bundle.stream is not None:
+            self.bindings[0].synchronize_outputs()  # the CUDA provider waits for the whole device
+
     def state(self) -> dict[str, np.ndarray]:
         """The current state, copied to the host."""
+        self._wait()
         state = {name: value.numpy().copy() for name, value in self.buffers[self.current].items()}
         if self.positions is not None:
             state["position_ids"] = self.positions.copy()

@@ -296,6 +296,16 @@ def test_cuda_only_graphs_are_one_line_errors_without_cuda(run_dir, bundle_dir, 
         OnnxBundle(relabelled, device="cpu")
 
 
+def test_a_stream_is_for_the_cuda_provider_and_advance_without_ids_needs_one(bundle_dir):
+    with pytest.raises(MomctlError, match="only on the CUDA provider, and not on the legacy default stream 0") as error:
+        OnnxBundle(bundle_dir, device="cpu", stream=1234)
+    assert "\n" not in str(error.value)
+    bundle = OnnxBundle(bundle_dir, device="cpu")
+    stepper = bundle.stepper(bundle.init_state(1))
+    with pytest.raises(MomctlError, match="advance\\(None\\) reads ids written on the device"):
+        stepper.advance(None)
+
+
 def test_an_onnxruntime_without_the_fused_ops_is_one_line_at_export(tmp_path, monkeypatch):
     import onnxruntime as ort
 
@@ -349,6 +359,53 @@ def test_cuda_on_a_machine_without_a_gpu_is_one_line(bundle_dir, monkeypatch):
     with pytest.raises(MomctlError, match="no NVIDIA GPU .*use --device cpu"):
         OnnxBundle(bundle_dir, device="cuda")
     assert OnnxBundle(bundle_dir, device="auto").device_type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _onnxruntime_has_cuda(), reason="needs onnxruntime-gpu (its CUDA execution provider)")
+@pytest.mark.parametrize("ops", ["onnxruntime", "onnxruntime-cuda"])
+def test_a_bundle_on_a_torch_stream_queues_its_steps_and_matches_the_plain_session(tmp_path, ops):
+    """On a caller's stream a step is queued, not waited for: behind a 50 ms sleep on that stream `advance` returns
+    with the stream still busy. Ids and positions written on the device in stream order (advance(None)) and ids
+    from the host (step) give the plain session's logits, over 9 fed-back steps of a model with attention (its
+    positions), and `state` and `reset` wait for the queued steps."""
+    model = random_model(small_config(vocab_size=300, num_layers=3, attention_layers=(1,)), dtype=torch.float32)
+    export_bundle(model, ByteTokenizer(), tmp_path / "b", dtype="fp16", max_length=STEPS, verify_steps=2, ops=ops)
+    stream = torch.cuda.Stream()
+    bundle, plain = OnnxBundle(tmp_path / "b", device="cuda", stream=stream.cuda_stream), OnnxBundle(tmp_path / "b")
+    stepper = bundle.stepper(bundle.init_state(2))
+    assert stepper.graphs
+    ids, positions = (torch.from_dlpack(v._get_c_value().to_dlpack()) for v in (stepper.input_ids,
+                                                                                stepper.position_ids))
+    token, state, busy = np.array([5, 7]), plain.init_state(2), []
+    for t in range(9):
+        want, state = plain.step(token, state)
+        if t % 3 == 2:
+            got = stepper.step(token)
+        else:
+            with torch.cuda.stream(stream):
+                if t >= 3:  # both directions captured (a capture waits for the device)
+                    torch.cuda._sleep(100_000_000)
+                ids.copy_(torch.from_numpy(token).cuda(), non_blocking=True)
+                positions.copy_(torch.from_numpy(stepper.positions).cuda(), non_blocking=True)
+            stepper.advance(None)
+            busy.append(not stream.query())
+            stream.synchronize()
+            got = stepper.logits.numpy()
+        assert np.array_equal(got.argmax(-1), want.argmax(-1)), t
+        assert rel_err(torch.from_numpy(got), torch.from_numpy(want)) < 1e-2, t
+        token = want.argmax(-1)
+    assert busy[2:] == [True] * 4, busy
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        ids.copy_(torch.from_numpy(token).cuda(), non_blocking=True)
+        positions.copy_(torch.from_numpy(stepper.positions).cuda(), non_blocking=True)
+    stepper.advance(None)
+    want, state = plain.step(token, state)
+    assert all(rel_err(torch.from_numpy(got), torch.from_numpy(want)) < 1e-2  # state() waited for that step
+               for got, want in zip(stepper.state().values(), state.values(), strict=True))
+    assert_replays_after_reset(bundle, 2)
 
 
 @pytest.mark.gpu

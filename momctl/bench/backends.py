@@ -6,8 +6,10 @@
   replays a CUDA graph per chunk (`momctl.prefill.GraphedPrefill`) where the model allows, as `momctl generate`.
 - `onnx`: the model exported to a temporary bundle (fp16 graph on CUDA, fp32 on a CPU) and stepped by ONNX Runtime
   with IO binding and device-resident ping-pong state (`momctl.export.runtime`); the prefill stays in PyTorch and
-  its state is handed to the bundle's layout. On CUDA the logits stay on the GPU (a view of the runtime's buffer, as
-  the other backends leave theirs), so a step's time is ONNX Runtime's. The bundle is deleted with the step. `onnx`
+  its state is handed to the bundle's layout. On CUDA ONNX Runtime runs on a torch stream of the bench's: the token
+  is copied into the runtime's input buffer on the GPU and the step is queued without a host sync, and the logits
+  stay on the GPU (a view of the runtime's buffer), as the other backends' steps do; a step's time is ONNX
+  Runtime's. The bundle is deleted with the step. `onnx`
   exports with ONNX Runtime's fused recurrent ops (`momctl export onnx`'s default), `onnx-cuda` with the recurrence
   on its CUDA-only GatedDeltaNet (`--ops onnxruntime-cuda`), `onnx-standard` with standard ONNX ops only.
 
@@ -111,11 +113,14 @@ class OnnxStep:
         self._folder = Path(tempfile.mkdtemp(prefix="momctl-bench-onnx-"))
         cpu_model = copy.deepcopy(model).float().cpu()
         on_cuda = self.device.type == "cuda"
+        # ONNX Runtime's steps go on this stream (not the legacy default stream: no CUDA graph is captured there)
+        self.stream = torch.cuda.Stream(self.device) if on_cuda else None
         try:
             export_bundle(cpu_model, ByteTokenizer(), self._folder / "bundle", dtype="fp16" if on_cuda else "fp32",
                           max_length=capacity if model.config.attention_layers else DEFAULT_MAX_LENGTH,
                           verify_steps=2, ops=ops)
-            self.bundle = OnnxBundle(self._folder / "bundle", device="cuda" if on_cuda else "cpu")
+            self.bundle = OnnxBundle(self._folder / "bundle", device=f"cuda:{self.device.index or 0}" if on_cuda
+                                     else "cpu", stream=self.stream.cuda_stream if on_cuda else None)
         except BaseException:
             self.close()
             raise
@@ -125,13 +130,21 @@ class OnnxStep:
         if not isinstance(state, OnnxState):
             state = OnnxState(self.bundle.stepper(self._onnx_state(state)), self.bundle.state_bytes(
                 token_ids_B.shape[0]))
-        stepper, ids_B = state.stepper, token_ids_B.cpu().numpy()
-        if self.device.type == "cpu":
-            return torch.from_numpy(stepper.step(ids_B)), state
-        stepper.advance(ids_B)
-        # the logits stay where ONNX Runtime wrote them (as the other backends' do): a view of its buffer, valid
-        # until the next step (the run has finished: ONNX Runtime synchronises its stream before returning)
-        return torch.from_dlpack(stepper.logits._get_c_value().to_dlpack()), state
+        stepper = state.stepper
+        if self.stream is None:
+            return torch.from_numpy(stepper.step(token_ids_B.numpy())), state
+        # On the GPU, in stream order and without a host sync: the token (made on the current stream) into the
+        # runtime's input buffer, the step, then the current stream waits for it. The logits stay where ONNX
+        # Runtime wrote them: a view of its buffer, valid until the next step.
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            state.input_ids.copy_(token_ids_B)
+            if stepper.positions is not None:
+                state.position_ids.copy_(torch.from_numpy(stepper.positions), non_blocking=True)
+        stepper.advance(None)
+        current.wait_stream(self.stream)
+        return state.logits, state
 
     def _onnx_state(self, state) -> dict:
         """A torch prefill state in the bundle's input names and layouts (numpy)."""
@@ -151,8 +164,17 @@ class OnnxStep:
 
 
 class OnnxState:
-    """The runtime's stepper (its state lives in its buffers) and the state's size."""
+    """The runtime's stepper (its state lives in its buffers), the state's size, and on CUDA torch views of the
+    stepper's input and logits buffers."""
 
     def __init__(self, stepper, nbytes: int) -> None:
         self.stepper = stepper
         self.nbytes = nbytes
+        if stepper.bundle.device_type == "cuda":
+            self.input_ids, self.logits = _view(stepper.input_ids), _view(stepper.logits)
+            self.position_ids = _view(stepper.position_ids) if stepper.position_ids is not None else None
+
+
+def _view(value) -> torch.Tensor:
+    """A torch tensor over an ONNX Runtime OrtValue's memory (no copy)."""
+    return torch.from_dlpack(value._get_c_value().to_dlpack())
