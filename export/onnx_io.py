@@ -11,7 +11,9 @@ The memories are `[B, S*H, K, V]` in standard-op graphs. Graphs on ONNX Runtime'
 `[B, S*H*V, K, 1]` (one key vector per value column): ONNX Runtime's decode kernel at K = 256 reads a state column
 with each thread of a warp on another row, which is a coalesced read only when a row is one element wide. Graphs on
 its CUDA-only GatedDeltaNet (`onnxruntime-cuda`) take the same bytes as `[B, S*H, V, K]`, and their conv windows
-block-major (every slot's q channels, then every slot's k, then every slot's v) instead of slot by slot.
+block-major (every slot's q channels, then every slot's k, then every slot's v) instead of slot by slot, shaped
+`[B, 3, S, H*K, W-1]` when V = K (the same bytes as `[B, S*C, W-1]`; the step's select of the windows then
+broadcasts the routing mask, where the 3-d form needs a Gather node per layer to expand it).
 
 The state is fp32, except the conv windows of fp16 `onnxruntime-cuda` graphs (fp16, as onnxruntime-genai keeps a
 conv state in the activations' type).
@@ -66,12 +68,11 @@ def state_specs(config: ModelConfig, capacity: int, ops: str, dtype: str = "fp32
             names = ("key", "value")
             specs += [StateSpec(f"past_key_values.{i}.{n}", f"present.{i}.{n}", shape) for n in names]
         else:
-            conv_channels = 2 * c.key_dim + c.value_dim
             specs += [
                 StateSpec(f"past_key_values.{i}.recurrent_state", f"present.{i}.recurrent_state",
                           memory_shape(c, ops)),
-                StateSpec(f"past_key_values.{i}.conv_state", f"present.{i}.conv_state",
-                          (BATCH, c.num_slots * conv_channels, c.conv_size - 1), conv_state_dtype(ops, dtype)),
+                StateSpec(f"past_key_values.{i}.conv_state", f"present.{i}.conv_state", conv_shape(c, ops),
+                          conv_state_dtype(ops, dtype)),
             ]
     return specs
 
@@ -80,6 +81,15 @@ def conv_state_dtype(ops: str, dtype: str) -> str:
     """The conv windows' numpy dtype: fp16 in fp16 `onnxruntime-cuda` graphs, whose layers run in fp16 (a window
     holds projection outputs, fp16 values in an fp16 graph, so fp32 would only widen them), fp32 otherwise."""
     return "float16" if ops == "onnxruntime-cuda" and dtype == "fp16" else "float32"
+
+
+def conv_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
+    """A MoM layer's conv windows in the graph: `[B, S*C, W-1]`, or `[B, 3, S, H*K, W-1]` (q, k, v blocks) on the
+    CUDA-only ops when the value and key widths are equal."""
+    c = config
+    if ops == "onnxruntime-cuda" and c.key_dim == c.value_dim:
+        return BATCH, 3, c.num_slots, c.key_dim, c.conv_size - 1
+    return BATCH, c.num_slots * (2 * c.key_dim + c.value_dim), c.conv_size - 1
 
 
 def memory_shape(config: ModelConfig, ops: str) -> tuple[int | str, ...]:
@@ -129,8 +139,11 @@ def layer_to_graph_layout(memory: torch.Tensor, conv: torch.Tensor, ops: str) ->
         memory = memory.transpose(-1, -2).reshape(B, -1, memory.shape[-2], 1)
     elif ops == "onnxruntime-cuda":  # the conv channels block-major: q of every slot, then k, then v
         HV = memory.shape[1] // S * memory.shape[-1]
-        conv = torch.cat([part.flatten(1, 2) for part in conv.split([(C - HV) // 2, (C - HV) // 2, HV], dim=2)], 1)
+        HK = (C - HV) // 2
         memory = memory.transpose(-1, -2).contiguous()
+        if HK == HV:  # conv_shape's [B, 3, S, H*K, W-1]
+            return [memory, conv.unflatten(2, (3, HK)).transpose(1, 2).contiguous()]
+        conv = torch.cat([part.flatten(1, 2) for part in conv.split([HK, HK, HV], dim=2)], 1)
     return [memory, conv.reshape(B, S * C, -1)]
 
 

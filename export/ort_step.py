@@ -97,15 +97,20 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
                       conv_every_slot: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """`mom_step_ort` for ONNX Runtime's CUDA provider only: the update rule, the q/k l2 norm and the gates of every
     slot in one `GatedDeltaNet` node (no CPU kernel), on the memories `[B, S*H, V, K]` (V-major: the same bytes as
-    `mom_step_ort`'s) and the conv windows `[B, S*C, W-1]` with the channels block-major (every slot's q, then every
-    slot's k, then every slot's v), so that one Split cuts the conv's output into the node's q, k and v. Its l2
-    norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of 5e-7 / |x|^2).
+    `mom_step_ort`'s) and the conv windows with the channels block-major (every slot's q, then every slot's k, then
+    every slot's v), so that one Split cuts the conv's output into the node's q, k and v. The windows come as
+    `[B, 3, S, H*K, W-1]` when V = K (the bytes of `[B, S*C, W-1]`; the select that keeps untouched slots' windows
+    then broadcasts the routing mask over them, where `[B, S*C, W-1]` needs a Gather per layer to expand it). Its
+    l2 norm is x / sqrt(|x|^2 + 1e-12), not the model's x / sqrt(|x|^2 + 1e-6) (a relative difference of
+    5e-7 / |x|^2). The slots' mixing weights come without a Relu (see `_routing`'s `untouched_weight`).
 
     The layer runs in the windows' dtype: fp16 graphs keep fp16 windows (they hold fp16 projection outputs, so
     nothing is rounded away), and then have no Cast but the gates' (GatedDeltaNet takes them in the state's fp32);
     fp32 windows promote an fp16 projection to fp32 (ONNX Runtime binds one type to the conv's input and window).
     Returns the normalised output `[B, H, V]` in that dtype, the new memories and windows."""
-    B, SC = conv.shape[:2]
+    B = conv.shape[0]
+    windows = conv.reshape(B, -1, conv.shape[-1])  # [B, S*C, W-1]: the same bytes
+    SC = windows.shape[1]
     q_weight, k_weight, v_weight = conv_weights
     HK, HV = q_weight.shape[0], v_weight.shape[0]
     S = SC // (2 * HK + HV)
@@ -113,19 +118,25 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     H = HV // V
     x = proj.to(torch.promote_types(proj.dtype, conv.dtype))
     blocks = _split_blocks(x, columns, num_memories, S, H, HK, HV, alone=(("q",), ("k", "v")))
-    weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x)
+    weight_BS, touched_BS = _routing(blocks.get("gate"), num_memories, top_k, S, x,
+                                     untouched_weight=-_smallest_positive(x.dtype))
 
     # q once per slot, then every slot's k and v as they sit in the row: one Concat node (a Tile would be a copy
     # per repeat, and its output would still need this Concat)
     u = torch.cat([blocks["q"]] * S + [blocks["kv"]], dim=-1)  # [B, S*C]
     w_C1W = torch.cat([w.repeat(S, 1, 1) for w in conv_weights]).to(x.dtype)
-    y, moved = causal_conv_silu(u[..., None], w_C1W, conv)
-    slot_of_channel = torch.cat([torch.arange(S).repeat_interleave(n) for n in (HK, HK, HV)]).to(conv.device)
-    touched_C = touched_BS.index_select(1, slot_of_channel)[..., None]  # [B, S*C, 1]
-    new_conv = moved if conv_every_slot else torch.where(touched_C, moved, conv)
+    y, moved = causal_conv_silu(u[..., None], w_C1W, windows)
     qkv = y.reshape(B, SC)
+    if conv.dim() == 5:  # [B, 3, S, H*K, W-1]: the mask broadcasts over blocks, channels and window
+        new_conv = moved.reshape(conv.shape) if conv_every_slot else torch.where(
+            touched_BS.reshape(B, 1, S, 1, 1), moved.reshape(conv.shape), conv)
+        touched_C = touched_BS.reshape(B, 1, S, 1).expand(B, 3, S, HK).reshape(B, SC)
+    else:
+        slot_of_channel = torch.cat([torch.arange(S).repeat_interleave(n) for n in (HK, HK, HV)]).to(conv.device)
+        touched_C = touched_BS.index_select(1, slot_of_channel)  # [B, S*C]
+        new_conv = moved if conv_every_slot else torch.where(touched_C[..., None], moved, conv)
     if not delta:  # no beta to zero: k = 0 leaves the memory (decay 0 too)
-        qkv = torch.where(touched_C[..., 0], qkv, 0)
+        qkv = torch.where(touched_C, qkv, 0)
     touched = touched_BS[..., None]  # [B, S, 1]: broadcast over heads
     decay = beta = None
     f = memory.dtype  # the gates, a_log and dt_bias have the state's type (fp32 in the graphs)
@@ -189,20 +200,32 @@ def _split_blocks(x: Tensor, columns, num_memories: int, S: int, H: int, HK: int
     return blocks
 
 
-def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x: Tensor) -> tuple[Tensor, Tensor]:
+def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x: Tensor,
+             untouched_weight: float | None = None) -> tuple[Tensor, Tensor]:
     """Each slot's mixing weight `[B, S]` and whether the token reaches it (bool `[B, S]`): the reference's
     renormalised top k of the softmax written as the softmax of the top k logits (the same function, fewer nodes);
     the shared slot (s >= E) always, weight 1.
 
     One scatter gives both: the top k's weights (>= 0, even where they underflow) go into a row that holds -1 for
-    every routed memory, so the slots at or above 0 are the touched ones, and the weights are that row clamped at 0."""
+    every routed memory, so the slots at or above 0 are the touched ones, and the weights are that row clamped at 0.
+    With a (negative) `untouched_weight` the row holds it instead and the weights are the row itself, one node (a
+    Relu) fewer: the untouched slots then add that weight times their output to the mix. `_smallest_positive`
+    makes it vanish next to the mix's rounding: 2^-24 of an output in fp16 (where half a rounding step is at least
+    2^-12 of a value), 1e-38 in fp32."""
     B, E = x.shape[0], num_memories
     if logits_BE is None:
         return x.new_ones(B, S), x.new_ones(B, S, dtype=torch.bool)
-    base_BS = torch.cat([x.new_full((E,), -1.0), x.new_ones(S - E)]).expand(B, S)
+    base_BS = torch.cat([x.new_full((E,), untouched_weight or -1.0), x.new_ones(S - E)]).expand(B, S)
     top_logits, top_i = logits_BE.topk(top_k, dim=-1)
     scattered = base_BS.scatter(-1, top_i, top_logits.softmax(-1))
-    return scattered.relu(), greater_or_equal(scattered, scattered.new_zeros(()))
+    touched = greater_or_equal(scattered, scattered.new_zeros(()))
+    return (scattered if untouched_weight else scattered.relu()), touched
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    """fp16's smallest subnormal (2^-24: its smallest normal, 6e-5, would move the mix); the smallest normal of
+    wider types (a subnormal fp32 could be flushed to zero, and then count as touched)."""
+    return 2.0 ** -24 if dtype == torch.float16 else torch.finfo(dtype).tiny
 
 
 def _per_column(per_head: Tensor, S: int, V: int, dtype: torch.dtype) -> Tensor:

@@ -44,14 +44,16 @@ STEPS = {"onnxruntime": mom_step_ort, "onnxruntime-cuda": mom_step_ort_cuda}
 
 
 @pytest.mark.parametrize("ops", STEPS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "value width 2K", "value width 2K, delta"])
 def test_fused_op_step_is_the_reference_step(family, ops, monkeypatch):
     """Logits and every state tensor equal the reference step's over fed-back steps after a prefill (fp64; the
     residual adds fused with their norms as in the graphs). GatedDeltaNet's q/k l2 norm adds 1e-12 to |x|^2, the
-    model's 1e-6: the reference takes GatedDeltaNet's for that step."""
+    model's 1e-6: the reference takes GatedDeltaNet's for that step. With V != K the CUDA graphs' conv windows are
+    3-d (`conv_shape`)."""
     if ops == "onnxruntime-cuda":
         monkeypatch.setattr(naive_step, "_l2norm", lambda x: x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-12))
-    model = random_model(small_config(**FAMILIES[family]))
+    wide = {"value width 2K": dict(expand_v=2.0), "value width 2K, delta": dict(expand_v=2.0, update_rule="delta")}
+    model = random_model(small_config(**{**FAMILIES, **wide}[family]))
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
     _, prefilled = model.prefill(ids[:, :5])
     state = StepState.from_inference(prefilled, capacity=16 if model.config.attention_layers else None)
@@ -78,7 +80,8 @@ def test_untouched_slots_keep_memory_and_conv_window_bit_for_bit(rule, ops):
     c = model.config
     if ops == "onnxruntime-cuda":  # back to slot-major conv windows
         before, after = (StepState([MemoryState(s.layers[0].memory, torch.cat(
-            [p.unflatten(1, (c.num_slots, -1)) for p in s.layers[0].conv.split([c.key_dim * c.num_slots] * 2
+            [p.unflatten(1, (c.num_slots, -1)) for p in s.layers[0].conv.flatten(1, -2).split(
+                [c.key_dim * c.num_slots] * 2
                                                                                 + [c.value_dim * c.num_slots], 1)],
             2).flatten(1, 2))], s.positions) for s in (before, after))
     memory, new_memory, conv, new_conv = (getattr(s.layers[0], name).unflatten(1, (c.num_slots, -1))
