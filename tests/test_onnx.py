@@ -252,6 +252,14 @@ def test_cuda_only_graphs_have_one_gated_delta_net_node_a_layer(tmp_path):
         q, *rest = concat.input
         assert concat.op_type == "Concat" and rest == [q] * (model.config.num_slots - 1) + rest[-1:], concat
         assert {producer[i].op_type for i in concat.input} == {"Split"}, concat
+    # V = K: the windows are 5-d and the select that keeps untouched ones takes the routing mask through reshapes only
+    # (no Gather expanding it), writing the graph output itself; the mixing weights are the scatter's row (no Relu)
+    selects = [n for n in nodes if n.op_type == "Where" and n.output[0].endswith("conv_state")]
+    assert len(selects) == 2 and all(source(n.input[0]).op_type == "GreaterOrEqual" for n in selects), selects
+    assert all(producer[source(n.input[0]).input[0]].op_type == "ScatterElements" for n in selects), selects
+    assert not ops["Relu"], ops
+    assert [len(i.type.tensor_type.shape.dim) for i in onnx.load(str(tmp_path / "m.onnx")).graph.input
+            if i.name.endswith("conv_state")] == [5, 5]
 
 
 def test_cuda_only_fp16_graphs_run_their_layers_in_fp16_and_type_check_in_onnx_runtime(tmp_path):
