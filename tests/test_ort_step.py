@@ -26,7 +26,7 @@ from momctl.export.ort_ops import (
     gated_rms_norm,
     linear_attention,
 )
-from momctl.export.ort_step import mom_step_ort, mom_step_ort_cuda, ort_add_norm
+from momctl.export.ort_step import _routing, _smallest_positive, mom_step_ort, mom_step_ort_cuda, ort_add_norm
 from momctl.export.step import decode_step
 from momctl.kernels.common import naive_step
 from momctl.state import KVCache, MemoryState
@@ -220,3 +220,18 @@ def test_gated_delta_net_is_the_other_fused_ops(rule):
     assert rel_err(o, want_o.reshape(B, N, V)) < 1e-6 and rel_err(new_state, want_state.transpose(-1, -2)) < 1e-6
     if gated and delta:
         assert torch.equal(new_state[0, 1], state[0, 1])
+
+
+def test_cuda_graph_routing_keeps_the_subnormal_untouched_weight_through_export(tmp_path):
+    """The onnxruntime-cuda step's routing row (no Relu): a routed memory the token does not reach has weight -2^-24
+    in fp16, fp16's smallest subnormal, which must survive the exporter's constant folding and compare below 0 in
+    ONNX Runtime (flushed to -0 it would count as touched); a top-k weight that underflows to 0 still counts."""
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(3)).half()
+    logits[0] = torch.tensor([30.0, -20.0, 0.0, 1.0])  # the second weight, e^-29, is 0 in fp16
+    routing = OneOp(lambda x: _routing(x, 4, 2, 5, x, untouched_weight=-_smallest_positive(x.dtype)))
+    weight, touched = export_and_run(routing, (logits,), tmp_path)
+    want_weight, want_touched = routing(logits)
+    assert np.array_equal(weight.view(np.uint16), want_weight.numpy().view(np.uint16))
+    assert np.array_equal(touched, want_touched.numpy())
+    assert weight.view(np.uint16)[0].tolist() == [0x3C00, 0x8001, 0x8001, 0, 0x3C00]
+    assert touched[0].tolist() == [True, False, False, True, True] and touched.sum(1).tolist() == [3] * 5
