@@ -128,15 +128,13 @@ def mom_step_ort_cuda(proj: Tensor, columns, conv_weights: tuple[Tensor, Tensor,
     y, moved = causal_conv_silu(u[..., None], w_C1W, windows)
     qkv = y.reshape(B, SC)
     if conv.dim() == 5:  # [B, 3, S, H*K, W-1]: the mask broadcasts over blocks, channels and window
-        new_conv = moved.reshape(conv.shape) if conv_every_slot else torch.where(
-            touched_BS.reshape(B, 1, S, 1, 1), moved.reshape(conv.shape), conv)
-        touched_C = touched_BS.reshape(B, 1, S, 1).expand(B, 3, S, HK).reshape(B, SC)
+        touched_C, moved = touched_BS.reshape(B, 1, S, 1, 1), moved.reshape(conv.shape)
     else:
         slot_of_channel = torch.cat([torch.arange(S).repeat_interleave(n) for n in (HK, HK, HV)]).to(conv.device)
-        touched_C = touched_BS.index_select(1, slot_of_channel)  # [B, S*C]
-        new_conv = moved if conv_every_slot else torch.where(touched_C[..., None], moved, conv)
+        touched_C = touched_BS.index_select(1, slot_of_channel)[..., None]  # [B, S*C, 1]
+    new_conv = moved if conv_every_slot else torch.where(touched_C, moved, conv)
     if not delta:  # no beta to zero: k = 0 leaves the memory (decay 0 too)
-        qkv = torch.where(touched_C, qkv, 0)
+        qkv = torch.where(touched_C.expand(*conv.shape[:-1], 1).reshape(B, SC), qkv, 0)
     touched = touched_BS[..., None]  # [B, S, 1]: broadcast over heads
     decay = beta = None
     f = memory.dtype  # the gates, a_log and dt_bias have the state's type (fp32 in the graphs)
