@@ -89,6 +89,16 @@ def test_wide_filter_loops(gen, poison):
     check_against_reference(gen, [5, 0, 7, 30, 2], 20, 8, True, cu_dtype=torch.int64)
 
 
+@pytest.mark.parametrize("rows", [3, 8])
+@pytest.mark.parametrize("W", [4, 8])
+def test_backward_row_blocks_cut_segments(gen, poison, monkeypatch, rows, W):
+    """The backward's row blocks (256 rows on the GPU) cut through segments, several times within one filter
+    window when a block is shorter than W: each block's dweight partial sums its own rows only, and dx reads g
+    across block boundaries."""
+    monkeypatch.setattr(sc, "BWD_ROWS", rows)
+    check_against_reference(gen, [0, 1, 2, 3, 17, 40, 0, 9], 20, W, True)
+
+
 def test_without_final_cache(gen, poison):
     check_against_reference(gen, [9, 0, 3, 25], 20, 4, True, final=False)
 
