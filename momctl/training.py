@@ -124,6 +124,9 @@ def _autocast(device: torch.device, dtype_name: str):
 
 
 def _check_writable(out: Path) -> None:
+    """Fail early on a run folder that cannot be written, leaving behind no folder it had to create for the check
+    (a run that then fails on bad input leaves nothing; the folder is made again when the run starts writing)."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".momctl-write-test"
@@ -132,6 +135,10 @@ def _check_writable(out: Path) -> None:
     except OSError as err:
         raise MomctlError(f"output folder {out} is not writable ({err.strerror}); pass --out to a folder you own") \
             from None
+    finally:
+        for folder in created:  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _resume_source(out: Path, resume: str | None) -> Path | None:
@@ -281,6 +288,7 @@ def train(run: RunConfig, out: Path, *, explicit: set[str] | None = None, resume
     autocast, dtype_name = _autocast(device, loop.dtype)
 
     if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
         _truncate_log(out / TRAIN_LOG, start_step)
     tokenizer_info: dict[str, Any] = {}

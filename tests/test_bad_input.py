@@ -63,7 +63,10 @@ def copy_run(trained: Path, tmp_path: Path) -> Path:
 
 
 def test_missing_data_path(env, tmp_path):
-    assert_one_line_error(momctl(env, "train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"), "nope.txt")
+    """One line, and no run folder left behind (the writability check makes and removes it)."""
+    out = tmp_path / "runs" / "r"
+    assert_one_line_error(momctl(env, "train", "--data", tmp_path / "nope.txt", "--out", out), "nope.txt")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_empty_corpus(env, tmp_path):
