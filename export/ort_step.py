@@ -213,11 +213,12 @@ def _routing(logits_BE: Tensor | None, num_memories: int, top_k: int, S: int, x:
     B, E = x.shape[0], num_memories
     if logits_BE is None:
         return x.new_ones(B, S), x.new_ones(B, S, dtype=torch.bool)
-    base_BS = torch.cat([x.new_full((E,), untouched_weight or -1.0), x.new_ones(S - E)]).expand(B, S)
+    relu = untouched_weight is None
+    base_BS = torch.cat([x.new_full((E,), -1.0 if relu else untouched_weight), x.new_ones(S - E)]).expand(B, S)
     top_logits, top_i = logits_BE.topk(top_k, dim=-1)
     scattered = base_BS.scatter(-1, top_i, top_logits.softmax(-1))
     touched = greater_or_equal(scattered, scattered.new_zeros(()))
-    return (scattered if untouched_weight else scattered.relu()), touched
+    return (scattered.relu() if relu else scattered), touched
 
 
 def _smallest_positive(dtype: torch.dtype) -> float:
