@@ -16,7 +16,7 @@ from torch import nn
 from .backend import use_kernels
 from .config import ModelConfig
 from .modules import GatedRMSNorm, ShortConvWeight, at_least_fp32, short_conv, short_conv_varlen
-from .packing import convolve_copies, mix_copies, pack_tokens, project_copies
+from .packing import convolve_copies, convolve_projection, mix_copies, pack_tokens, project_copies
 from .recurrence import memory_update
 from .routing import gather_segments, group_tokens
 from .routing import mix_segments as mix
@@ -230,20 +230,20 @@ class MoMMixer(nn.Module):
             # Without autograd (prefill) each buffer here dies at its last use: the projections (gates included) once
             # convolved. With autograd the backward keeps what it needs, except the copies of x (gathered again).
             proj_MC = project_copies(x_ND, weight_SND, packing)
-            k_MC, v_MC, *gates = proj_MC.split(widths, dim=-1)
-            beta, g = self._gates(gates, M)
             if cache_NWC is not None:  # the padding segment starts from zeros
                 cache_NWC = torch.cat([cache_NWC, cache_NWC.new_zeros(1, *cache_NWC.shape[1:])])
             # q, k, v convolved apart (the filter is depthwise): q from its token rows (gathered in the conv), k and
             # v read in place from the projection.
             caches = [None] * 3 if cache_NWC is None else cache_NWC.split([HK, HK, HV], dim=-1)
-            outs = [convolve_copies(self.q_proj(x_ND), self.q_conv1d.weight[:, 0], packing, caches[0], return_state)]
-            outs += [short_conv_varlen(u, conv.weight[:, 0], packing.cu_seqlens, cache, return_state)
-                     for u, conv, cache in zip((k_MC, v_MC), (self.k_conv1d, self.v_conv1d), caches[1:], strict=True)]
-            del proj_MC, k_MC, v_MC, gates
-            q, k, v = (y.reshape(1, M, H, -1) for y, _ in outs)
-            new_conv = torch.cat([cache for _, cache in outs], dim=-1) if return_state else None
-            del outs
+            q_out = convolve_copies(self.q_proj(x_ND), self.q_conv1d.weight[:, 0], packing, caches[0], return_state)
+            (k, v), gates_MX, kv_caches = convolve_projection(
+                proj_MC, [self.k_conv1d.weight[:, 0], self.v_conv1d.weight[:, 0]], list(caches[1:]),
+                packing.cu_seqlens, return_state)
+            del proj_MC
+            beta, g = self._gates(gates_MX.split(widths[2:], dim=-1), M)
+            q, k, v = (y.reshape(1, M, H, -1) for y in (q_out[0], k, v))
+            new_conv = torch.cat([q_out[1], *kv_caches], dim=-1) if return_state else None
+            del q_out, kv_caches, gates_MX
         else:
             conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
             u_MC, gates, new_conv = self._conv_over_time(x_ND, valid_BT, packing, weight_SND, widths, conv_weight,

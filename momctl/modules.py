@@ -106,14 +106,15 @@ def short_conv_varlen(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: t
 
 def short_conv_varlen_bwd(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor,
                           cache_NWC: torch.Tensor | None, d_y: torch.Tensor, d_new_cache: torch.Tensor | None,
-                          need_dcache: bool):
+                          need_dcache: bool, d_u: torch.Tensor | None = None):
     """The backward of `short_conv_varlen` for callers that keep their own inputs: the gradients of u, the filter and
-    the cache (None unless need_dcache), from those of y and of the new cache (or None). Our Triton kernel (opaque to
+    the cache (None unless need_dcache), from those of y and of the new cache (or None). u's gradient is written into
+    d_u when given (`[M, C]`, rows may be strided: a column slice of a wider gradient). Our Triton kernel (opaque to
     torch.compile) when `use_kernels` says so, autograd through the pure-PyTorch reference otherwise."""
     if use_kernels(u_MC):
         from .kernels.conv.short_conv import short_conv_varlen_bwd as fn
 
-        return fn(u_MC, weight_CW, cu_seqlens, cache_NWC, d_y, d_new_cache, need_dcache)
+        return fn(u_MC, weight_CW, cu_seqlens, cache_NWC, d_y, d_new_cache, need_dcache, d_u)
     from .kernels.conv.naive import short_conv_varlen_ref
 
     need_dcache = cache_NWC is not None and need_dcache
@@ -123,4 +124,5 @@ def short_conv_varlen_bwd(u_MC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlen
                                              d_new_cache is not None)
         outputs, grads = ([y, new_cache], [d_y, d_new_cache]) if d_new_cache is not None else ([y], [d_y])
         d_inputs = torch.autograd.grad(outputs, inputs, grads)
-    return d_inputs[0], d_inputs[1], d_inputs[2] if need_dcache else None
+    d_u_MC = d_inputs[0] if d_u is None else d_u.copy_(d_inputs[0])
+    return d_u_MC, d_inputs[1], d_inputs[2] if need_dcache else None

@@ -114,6 +114,59 @@ def convolve_copies(x_NC: torch.Tensor, weight_CW: torch.Tensor, packing: Packin
     return y_MC, new_cache if output_final_cache else None
 
 
+def convolve_projection(proj_MC: torch.Tensor, weights_CW: list[torch.Tensor], caches_NWC: list[torch.Tensor | None],
+                        cu_seqlens: torch.Tensor, output_final_cache: bool
+                        ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """`short_conv_varlen` over the packing's segments of the projection's leading column groups, one filter
+    `weights_CW[i]` `[C_i, W]` and cache each, read in place; and a copy of its remaining columns (the gates).
+
+    Returns the convolved groups `[M, C_i]`, the gates `[M, rest]` and the new caches (None unless
+    output_final_cache). The backward writes every group's gradient and the gates' into one buffer shaped like the
+    projection: split apart, the projection's gradient would be a concatenation of the pieces' (one more copy of the
+    whole `[M, C]` projection; 0.48 ms of the 340M layer's training step on an H100)."""
+    n = len(weights_CW)
+    outputs = _ConvolveProjection.apply(proj_MC, cu_seqlens, output_final_cache, *weights_CW, *caches_NWC)
+    new_caches = outputs[n + 1:] if output_final_cache else [None] * n
+    return list(outputs[:n]), outputs[n], list(new_caches)
+
+
+class _ConvolveProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, proj_MC, cu_seqlens, output_final_cache, *weights_and_caches):
+        n = len(weights_and_caches) // 2
+        weights, caches = weights_and_caches[:n], weights_and_caches[n:]
+        ctx.save_for_backward(proj_MC, cu_seqlens, *weights, *caches)
+        ctx.output_final_cache = output_final_cache
+        ys, new_caches, c0 = [], [], 0
+        for weight_CW, cache_NWC in zip(weights, caches, strict=True):
+            c1 = c0 + weight_CW.shape[0]
+            y_MC, new_cache = short_conv_varlen(proj_MC[:, c0:c1], weight_CW, cu_seqlens, cache_NWC, output_final_cache)
+            ys.append(y_MC)
+            new_caches.append(new_cache if output_final_cache else proj_MC.new_empty(0))
+            c0 = c1
+        return *ys, proj_MC[:, c0:].contiguous(), *new_caches
+
+    @staticmethod
+    def backward(ctx, *grads):
+        proj_MC, cu_seqlens, *rest = ctx.saved_tensors
+        n = len(rest) // 2
+        weights, caches = rest[:n], rest[n:]
+        d_ys, d_gates, d_new_caches = grads[:n], grads[n], grads[n + 1:]
+        d_proj_MC = torch.empty_like(proj_MC)
+        d_weights, d_caches, c0 = [], [], 0
+        for i, (weight_CW, cache_NWC, d_y, d_new_cache) in enumerate(zip(weights, caches, d_ys, d_new_caches,
+                                                                         strict=True)):
+            c1 = c0 + weight_CW.shape[0]
+            _, d_weight, d_cache = short_conv_varlen_bwd(
+                proj_MC[:, c0:c1], weight_CW, cu_seqlens, cache_NWC, d_y,
+                d_new_cache if ctx.output_final_cache else None, ctx.needs_input_grad[3 + n + i], d_proj_MC[:, c0:c1])
+            d_weights.append(d_weight)
+            d_caches.append(d_cache)
+            c0 = c1
+        d_proj_MC[:, c0:] = d_gates
+        return d_proj_MC, None, None, *d_weights, *d_caches
+
+
 class _ConvolveCopies(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NC, weight_CW, cache, token_of_copy_M, copy_of_token_NA, cu_seqlens, output_final_cache):

@@ -5,7 +5,14 @@ import torch
 from helpers import random_model, rel_err, small_config
 
 from momctl.modules import short_conv_varlen
-from momctl.packing import convolve_copies, grouped_linear, grouped_linear_bwd, pack_tokens, project_copies
+from momctl.packing import (
+    convolve_copies,
+    convolve_projection,
+    grouped_linear,
+    grouped_linear_bwd,
+    pack_tokens,
+    project_copies,
+)
 
 RULES = ["gated_delta", "delta", "gated", "linear"]
 
@@ -160,6 +167,45 @@ def test_convolve_copies_equals_the_conv_of_the_gathered_copies(top_k, with_cach
             y, new_cache = short_conv_varlen(xi[packing.token_of_copy_M], wi, packing.cu_seqlens, ci, True)
         ((y * dy).sum() + (new_cache * dc).sum()).backward()
         runs.append([y, new_cache] + [t.grad for t in inputs])
+    for actual, expected in zip(runs[1], runs[0], strict=True):
+        assert rel_err(actual, expected) < (1e-12 if kernels == "reference" else 1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_convolve_projection_equals_convolving_its_split_columns(top_k, with_cache, kernels, monkeypatch):
+    """Convolved groups (widths 5 and 4, the first with W = 4, the second W = 3), gates, new caches and the gradients
+    of the projection (one buffer: groups and gates), the filters and the caches, against splitting the projection and
+    convolving each group; top-1 leaves memories with no tokens, and gives segments shorter than the filter."""
+    monkeypatch.setenv("MOMCTL_KERNELS", kernels)
+    dtype = torch.float64 if kernels == "reference" else torch.float32
+    _, _, packing = grouped_projection_case(dtype, top_k=top_k)
+    gen = torch.Generator().manual_seed(7)
+    M, N = packing.num_copies, packing.cu_seqlens.numel() - 1
+    widths, filters = [5, 4], [4, 3]
+    proj = torch.randn(M, sum(widths) + 2, generator=gen).to(dtype)
+    weights = [torch.randn(c, w, generator=gen).to(dtype) for c, w in zip(widths, filters, strict=True)]
+    caches = [torch.randn(N, w - 1, c, generator=gen).to(dtype) if with_cache else None
+              for c, w in zip(widths, filters, strict=True)]
+    d_ys = [torch.randn(M, c, generator=gen).to(dtype) for c in widths]
+    d_caches = [torch.randn(N, w - 1, c, generator=gen).to(dtype) for c, w in zip(widths, filters, strict=True)]
+    d_gates = torch.randn(M, 2, generator=gen).to(dtype)
+    runs = []
+    for fused in (False, True):
+        leaves = [t.clone().requires_grad_() for t in [proj, *weights, *caches] if t is not None]
+        pi, wi, ci = leaves[0], leaves[1:3], leaves[3:] if with_cache else [None, None]
+        if fused:
+            ys, gates, new_caches = convolve_projection(pi, wi, ci, packing.cu_seqlens, True)
+        else:
+            pieces = pi.split(widths + [2], dim=-1)
+            outs = [short_conv_varlen(u, w, packing.cu_seqlens, c, True)
+                    for u, w, c in zip(pieces[:2], wi, ci, strict=True)]
+            ys, new_caches, gates = [y for y, _ in outs], [c for _, c in outs], pieces[2]
+        loss = (gates * d_gates).sum() + sum((y * d).sum() for y, d in zip(ys, d_ys, strict=True))
+        loss = loss + sum((c * d).sum() for c, d in zip(new_caches, d_caches, strict=True))
+        loss.backward()
+        runs.append([*ys, gates, *new_caches] + [t.grad for t in leaves])
     for actual, expected in zip(runs[1], runs[0], strict=True):
         assert rel_err(actual, expected) < (1e-12 if kernels == "reference" else 1e-5)
 

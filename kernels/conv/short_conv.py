@@ -178,9 +178,11 @@ def short_conv_bwd_kernel_grad(x, stride_x, weight, cu_seqlens, cache, dy, g, dw
 
 @autotune(BWD_DX_CONFIGS, key=["C", "W", "HAS_DNC"])
 @triton.jit
-def short_conv_bwd_kernel_dx(g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C: tl.constexpr, W: tl.constexpr,
-                             HAS_DNC: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dx [T, C] over a grid (T-blocks, C-blocks): dx_i = sum_s w_{W-1-s} g_{i+s} over the rows of i's segment.
+def short_conv_bwd_kernel_dx(g, weight, cu_seqlens, dnc, dx, stride_dx, T, N, n_steps, C: tl.constexpr,
+                             W: tl.constexpr, HAS_DNC: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
+                             BC: tl.constexpr):
+    """dx [T, C] (rows stride_dx elements apart) over a grid (T-blocks, C-blocks): dx_i = sum_s w_{W-1-s} g_{i+s}
+    over the rows of i's segment.
 
     Plus the gradient of the new cache where row i is one of the segment's last W-1.
     """
@@ -205,7 +207,8 @@ def short_conv_bwd_kernel_dx(g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C: t
         o_k = r - (L - (W - 1))  # index into the new cache
         p_dnc = dnc + (i_n * (W - 1) + o_k)[:, None] * C + o_c[None, :]
         b_dx += tl.load(p_dnc, mask=(m_t & (o_k >= 0))[:, None] & m_c[None, :], other=0).to(tl.float32)
-    tl.store(dx + o_t[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    tl.store(dx + o_t[:, None] * stride_dx + o_c[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -270,13 +273,13 @@ def short_conv_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
 
 
 def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor | None, dy: Tensor,
-                   dnc: Tensor | None, need_dcache: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward: dx `[T, C]`, dweight `[C, W]` and dcache `[N, W-1, C]` (empty unless need_dcache)."""
+                   dnc: Tensor | None, need_dcache: bool, dx: Tensor) -> tuple[Tensor, Tensor]:
+    """Launch the backward: writes dx `[T, C]` (rows may be strided) and returns dweight `[C, W]` and dcache
+    `[N, W-1, C]` (empty unless need_dcache)."""
     T, C = x.shape
     W = weight.shape[1]
     N = cu_seqlens.numel() - 1
     BW = triton.next_power_of_2(W)
-    dx = _empty((T, C), x.dtype, x.device)
     if T > 0:
         n_steps = _bisection_steps(N)
         # g = dL/da in x.dtype: the one extra [T, C] tensor, alive only inside the backward
@@ -293,7 +296,7 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         def grid_dx(meta):
             return triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"])
 
-        short_conv_bwd_kernel_dx[grid_dx](g, weight, cu_seqlens, dnc, dx, T, N, n_steps, C=C, W=W,
+        short_conv_bwd_kernel_dx[grid_dx](g, weight, cu_seqlens, dnc, dx, dx.stride(0), T, N, n_steps, C=C, W=W,
                                           HAS_DNC=dnc is not None, BW=BW)
         dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     else:
@@ -305,7 +308,7 @@ def short_conv_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor 
         short_conv_bwd_kernel_dcache[(N, triton.cdiv(C, CACHE_BC))](
             x, x.stride(0), weight, cu_seqlens, cache, dy, dnc, dcache, C=C, W=W, HAS_DNC=dnc is not None,
             BW=triton.next_power_of_2(W - 1), BC=CACHE_BC)
-    return dx, dw, dcache
+    return dw, dcache
 
 
 @torch.library.custom_op("momctl::short_conv_varlen", mutates_args=())
@@ -321,16 +324,16 @@ def _(x, weight, cu_seqlens, cache, output_final_cache):
     return x.new_empty(x.shape), new_cache
 
 
-@torch.library.custom_op("momctl::short_conv_varlen_bwd", mutates_args=())
+@torch.library.custom_op("momctl::short_conv_varlen_bwd", mutates_args=("dx",))
 def _short_conv_bwd_op(x: Tensor, weight: Tensor, cu_seqlens: Tensor, cache: Tensor | None, dy: Tensor,
-                       dnc: Tensor | None, need_dcache: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return short_conv_bwd(x, weight, cu_seqlens, cache, dy, dnc, need_dcache)
+                       dnc: Tensor | None, need_dcache: bool, dx: Tensor) -> tuple[Tensor, Tensor]:
+    return short_conv_bwd(x, weight, cu_seqlens, cache, dy, dnc, need_dcache, dx)
 
 
 @_short_conv_bwd_op.register_fake
-def _(x, weight, cu_seqlens, cache, dy, dnc, need_dcache):
+def _(x, weight, cu_seqlens, cache, dy, dnc, need_dcache, dx):
     dcache = torch.empty_like(cache) if need_dcache else x.new_empty(0)
-    return x.new_empty(x.shape), torch.empty_like(weight), dcache
+    return torch.empty_like(weight), dcache
 
 
 def _setup_context(ctx, inputs, output):
@@ -391,16 +394,24 @@ def short_conv_varlen_bwd(
     dy: Tensor,
     d_new_cache: Tensor | None,
     need_dcache: bool,
+    dx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The backward of `short_conv_varlen` (same x, weight, cu_seqlens, cache), for callers that keep their own
     inputs: the gradients of x, weight and (when need_dcache and a cache is given, else None) the cache, from those of
-    y and of the new cache (None: zero). Opaque to torch.compile (custom op momctl::short_conv_varlen_bwd)."""
+    y and of the new cache (None: zero). Opaque to torch.compile (custom op momctl::short_conv_varlen_bwd).
+
+    dx: where to write the gradient of x (`[T, C]`, rows may be strided: a column slice of a wider gradient), or
+    None for a new tensor.
+    """
     x = x if x.stride(1) == 1 else x.contiguous()
     cache = None if cache is None else cache.contiguous()
     need_dcache = cache is not None and need_dcache
     d_new_cache = None if d_new_cache is None else d_new_cache.contiguous()
-    dx, dw, dcache = torch.ops.momctl.short_conv_varlen_bwd(x, weight.contiguous(), cu_seqlens.contiguous(), cache,
-                                                            dy.contiguous(), d_new_cache, need_dcache)
+    if dx is None:
+        dx = _empty(tuple(x.shape), x.dtype, x.device)
+    assert dx.shape == x.shape and dx.stride(1) == 1, (tuple(dx.shape), dx.stride())
+    dw, dcache = torch.ops.momctl.short_conv_varlen_bwd(x, weight.contiguous(), cu_seqlens.contiguous(), cache,
+                                                        dy.contiguous(), d_new_cache, need_dcache, dx)
     return dx, dw, dcache if need_dcache else None
 
 
