@@ -2,10 +2,11 @@
 
 Forward: rstd of q, k (the kernels scale by it: no normalised copies) -> chunk-local cumsum of g -> WY factors w, u
 (wy.py) -> chunk-start states h and
-v_new = u - w h (sequential over chunks) -> outputs. Backward recomputes w, u, h, v_new, then dv_local -> state
-gradients dh and dv_new (sequential, reversed) -> dq, dk, dw, dG -> WY backward -> dg, dq, dk.
-The state passes run over value-column slices (kernels/common/state_passes.py). Only the inputs and small
-per-token values are kept for backward. See kernels/common/README.md.
+v_new = u - w h (sequential over chunks) -> outputs. Backward recomputes w, u (from the forward's (I + A)^-1, with no
+solve), h and v_new, then dv_local -> state gradients dh and dv_new (sequential, reversed) -> dq, dk, dw, dG -> WY
+backward -> dg, dq, dk. The state passes run over value-column slices (kernels/common/state_passes.py). Only the
+inputs, small per-token values and the chunks' (I + A)^-1 (fp32, 64 per position and head) are kept for backward.
+See kernels/common/README.md.
 """
 # Shapes: B batch, T time, H heads, K key dim, V value dim, N segments.
 # No `from __future__ import annotations`: torch.library reads the custom ops' signatures from real annotations.
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from ..common.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from ..common.l2norm import l2norm_bwd, l2norm_rstd
+from ..common.launch import CHUNK_SIZE
 from ..common.state_passes import state_gradients, states_and_output
 from ..gated.chunk import (
     cast_grads,
@@ -34,23 +36,25 @@ def chunk_gated_delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tens
                           initial_state: Tensor | None, cu_seqlens: Tensor | None, scale: float,
                           output_final_state: bool, use_qk_l2norm: bool):
     """Packed forward. Returns o `[1, B*T, H, V]` (compute dtype), the final state or None, and what backward
-    needs besides the inputs: the rstd of q and k (None without use_qk_l2norm) and g_cum (or None)."""
+    needs besides the inputs: the rstd of q and k (None without use_qk_l2norm), g_cum (or None) and the chunks'
+    fp32 (I + A)^-1 `[1, B*T, H, 64]` (`wy_fwd`'s A_inv: the backward's w and u need no solve)."""
     if q.shape[0] * q.shape[1] == 0:
-        return empty_forward(q, k, v, g, initial_state, output_final_state)
+        return *empty_forward(q, k, v, g, initial_state, output_final_state), q.new_empty(1, 0, q.shape[2], CHUNK_SIZE,
+                                                                                           dtype=torch.float32)
     layout = layout_of(q, cu_seqlens)
     dtype = compute_dtype(q, k, v)
     q, k, v, beta = pack(q, dtype), pack(k, dtype), pack(v, dtype), pack(beta)
     rstd_q, rstd_k = (l2norm_rstd(q), l2norm_rstd(k)) if use_qk_l2norm else (None, None)
     g_cum = None if g is None else chunk_cumsum_fwd(pack(g), layout)
-    w, u, _ = wy_fwd(k, v, beta, g_cum, layout, rstd_k)
+    w, u, A_inv = wy_fwd(k, v, beta, g_cum, layout, rstd_k)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht = states_and_output(q, k, u, w, g_cum, h0, layout, scale, output_final_state, rstd_q, rstd_k)
-    return o, ht, rstd_q, rstd_k, g_cum
+    return o, ht, rstd_q, rstd_k, g_cum, A_inv
 
 
 def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None,
                           initial_state: Tensor | None, cu_seqlens: Tensor | None, rstd_q: Tensor | None,
-                          rstd_k: Tensor | None, do: Tensor, dht: Tensor | None, scale: float):
+                          rstd_k: Tensor | None, A_inv: Tensor, do: Tensor, dht: Tensor | None, scale: float):
     """Packed backward from the inputs and what `chunk_gated_delta_fwd` kept (rstd: `[B, T, H]`, or None).
 
     Returns dq, dk `[1, B*T, H, K]`, dv `[1, B*T, H, V]` (compute dtype), dbeta `[1, B*T, H]`, dg `[1, B*T, H]` fp32
@@ -64,7 +68,7 @@ def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: 
     rstd_q, rstd_k = (None, None) if rstd_q is None else (pack(rstd_q), pack(rstd_k))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    w, u, A_inv = wy_fwd(k, v, beta, g_cum, layout, rstd_k)
+    w, u, _ = wy_fwd(k, v, beta, g_cum, layout, rstd_k, A_inv)
     grads, dv_new, dh0 = state_gradients(q, k, u, w, g_cum, h0, do, dht, layout, scale, rstd_q, rstd_k)
     del w, u
     dq, dk = grads.dq, grads.dk
@@ -84,33 +88,35 @@ def chunk_gated_delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: 
 @torch.library.custom_op("momctl::chunk_gated_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None,
             cu_seqlens: Tensor | None, scale: float, output_final_state: bool, use_qk_l2norm: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, H, K = q.shape
-    o, ht, rstd_q, rstd_k, g_cum = chunk_gated_delta_fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale,
-                                                         output_final_state, use_qk_l2norm)
+    o, ht, rstd_q, rstd_k, g_cum, A_inv = chunk_gated_delta_fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale,
+                                                                output_final_state, use_qk_l2norm)
     return (o.view(v.shape).to(v.dtype), empty_if_none(ht, q), empty_if_none(rstd_q, q, (B, T, H)),
-            empty_if_none(rstd_k, q, (B, T, H)), empty_if_none(g_cum, q, (B, T, H)))
+            empty_if_none(rstd_k, q, (B, T, H)), empty_if_none(g_cum, q, (B, T, H)), A_inv)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
-    return fake_fwd_outputs(q, k, v, g, cu_seqlens, output_final_state, use_qk_l2norm)
+    B, T, H, K = q.shape
+    return (*fake_fwd_outputs(q, k, v, g, cu_seqlens, output_final_state, use_qk_l2norm),
+            q.new_empty((1, B * T, H, CHUNK_SIZE), dtype=torch.float32))
 
 
 @torch.library.custom_op("momctl::chunk_gated_delta_rule_bwd", mutates_args=())
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, initial_state: Tensor | None,
-            cu_seqlens: Tensor | None, rstd_q: Tensor | None, rstd_k: Tensor | None, do: Tensor, dht: Tensor | None,
-            scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            cu_seqlens: Tensor | None, rstd_q: Tensor | None, rstd_k: Tensor | None, A_inv: Tensor, do: Tensor,
+            dht: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, H, K = q.shape
     g_cum = None if g_cum is None else pack(g_cum)
     dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_bwd(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q,
-                                                       rstd_k, do, dht, scale)
+                                                       rstd_k, A_inv, do, dht, scale)
     return (dq.view(q.shape), dk.view(q.shape), dv.view(v.shape), dbeta.view(B, T, H).float(),
             empty_if_none(dg, q, (B, T, H)), empty_if_none(dh0, q))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q, rstd_k, do, dht, scale):
+def _(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q, rstd_k, A_inv, do, dht, scale):
     dtype, f32 = compute_dtype(q, k, v), torch.float32
     return (q.new_empty(q.shape, dtype=dtype), q.new_empty(q.shape, dtype=dtype), q.new_empty(v.shape, dtype=dtype),
             q.new_empty(q.shape[:3], dtype=f32), q.new_empty(q.shape[:3] if g_cum is not None else (0,), dtype=f32),
@@ -119,20 +125,20 @@ def _(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q, rstd_k, do, dht, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm = inputs
-    _, _, rstd_q, rstd_k, g_cum = output
+    _, _, rstd_q, rstd_k, g_cum, A_inv = output
     rstd = (rstd_q, rstd_k) if use_qk_l2norm else (None, None)
-    ctx.save_for_backward(q, k, *rstd, v, beta, None if g is None else g_cum, initial_state, cu_seqlens)
+    ctx.save_for_backward(q, k, *rstd, v, beta, None if g is None else g_cum, A_inv, initial_state, cu_seqlens)
     ctx.scale, ctx.output_final_state = scale, output_final_state
     ctx.dtypes = [None if x is None else x.dtype for x in (q, k, v, beta, g, initial_state)]
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, rstd_q, rstd_k, v, beta, g_cum, initial_state, cu_seqlens = ctx.saved_tensors
+    q, k, rstd_q, rstd_k, v, beta, g_cum, A_inv, initial_state, cu_seqlens = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do
     dht = dht if ctx.output_final_state else None
     grads = torch.ops.momctl.chunk_gated_delta_rule_bwd(q, k, v, beta, g_cum, initial_state, cu_seqlens, rstd_q,
-                                                        rstd_k, do, dht, ctx.scale)
+                                                        rstd_k, A_inv, do, dht, ctx.scale)
     return *cast_grads(grads, ctx.dtypes), None, None, None, None
 
 

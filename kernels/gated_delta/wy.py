@@ -138,7 +138,7 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
     return i_n, t0, tl.minimum(eos - t0, BT)
 
 
-@autotune(configs=_FWD_CONFIGS, key=["H", "K", "V", "USE_G", "IEEE"])
+@autotune(configs=_FWD_CONFIGS, key=["H", "K", "V", "USE_G", "SOLVE", "IEEE"])
 @triton.jit
 def wy_fwd_kernel(
     k,
@@ -160,6 +160,7 @@ def wy_fwd_kernel(
     BV: tl.constexpr,
     USE_G: tl.constexpr,
     NORM: tl.constexpr,
+    SOLVE: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -178,55 +179,59 @@ def wy_fwd_kernel(
     # Rows of this chunk in A_inv; they double as scratch for A and the diagonal-block inverses.
     p_A = A_inv + ((t0 + o_t[:, None]) * H + i_h) * BT + o_t[None, :]
 
-    # S = K K^T: [BT, BT]
-    b_S = tl.full([BT, BT], 0.0, tl.float32)
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        p_k = k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(p_k, mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)  # [BT, BK]
-        b_S = _dot(b_k, tl.trans(b_k), b_S, IEEE)
-    if NORM:  # the keys are rk k: S = diag(rk) K K^T diag(rk), and w's column scale takes rk too
+    if NORM:  # the keys are rk k: w's column scale takes rk (and S below, on both sides)
         b_rk = tl.load(rk + (t0 + o_t) * H + i_h, mask=m_t, other=0.0)
-        b_S *= b_rk[:, None] * b_rk[None, :]
         b_s *= b_rk
-    b_A = b_S * b_beta[:, None]
-    if USE_G:
-        # Zero the difference outside m_low before exp: g_i - g_j > 0 there and may overflow.
-        b_A *= tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], 0.0))
-    b_A = tl.where(m_low, b_A, 0.0)
-    tl.store(p_A, b_A, mask=m_t[:, None])
-    tl.debug_barrier()
+    if SOLVE:
+        # S = K K^T: [BT, BT]
+        b_S = tl.full([BT, BT], 0.0, tl.float32)
+        for i_k in range((K + BK - 1) // BK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            p_k = k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            b_k = tl.load(p_k, mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)  # [BT, BK]
+            b_S = _dot(b_k, tl.trans(b_k), b_S, IEEE)
+        if NORM:  # S = diag(rk) K K^T diag(rk)
+            b_S *= b_rk[:, None] * b_rk[None, :]
+        b_A = b_S * b_beta[:, None]
+        if USE_G:
+            # Zero the difference outside m_low before exp: g_i - g_j > 0 there and may overflow.
+            b_A *= tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], 0.0))
+        b_A = tl.where(m_low, b_A, 0.0)
+        tl.store(p_A, b_A, mask=m_t[:, None])
+        tl.debug_barrier()
 
-    # The four diagonal blocks side by side, Y = -A_bb: [NB, BS, BS]. Forward substitution on all of them at once:
-    # (I + L)^-1 = I + Y with row i of Y = -L_i + sum_{j<i} (-L_ij) Y_j, rows 0 and 1 final from the start.
-    o_s = tl.arange(0, BS)
-    o_b = tl.arange(0, BT // BS)
-    r3 = o_b[:, None, None] * BS + o_s[None, :, None]
-    p_D = A_inv + ((t0 + r3) * H + i_h) * BT + o_b[:, None, None] * BS + o_s[None, None, :]
-    b_Y = -tl.load(p_D, mask=r3 < n, other=0.0)
-    for i in range(2, BS):
-        m_i = o_s[None, :, None] == i
-        b_a = _sum(tl.where(m_i, b_Y, 0.0), 1)  # [NB, BS]: -L_i of every block
-        b_a += _sum(b_a[:, :, None] * b_Y, 1)
-        b_Y = tl.where(m_i, b_a[:, None, :], b_Y)
-    b_Y += tl.where(o_s[None, :, None] == o_s[None, None, :], 1.0, 0.0)
-    tl.debug_barrier()
-    tl.store(p_D, b_Y, mask=r3 < n)
-    tl.debug_barrier()
+        # The four diagonal blocks side by side, Y = -A_bb: [NB, BS, BS]. Forward substitution on all of them at once:
+        # (I + L)^-1 = I + Y with row i of Y = -L_i + sum_{j<i} (-L_ij) Y_j, rows 0 and 1 final from the start.
+        o_s = tl.arange(0, BS)
+        o_b = tl.arange(0, BT // BS)
+        r3 = o_b[:, None, None] * BS + o_s[None, :, None]
+        p_D = A_inv + ((t0 + r3) * H + i_h) * BT + o_b[:, None, None] * BS + o_s[None, None, :]
+        b_Y = -tl.load(p_D, mask=r3 < n, other=0.0)
+        for i in range(2, BS):
+            m_i = o_s[None, :, None] == i
+            b_a = _sum(tl.where(m_i, b_Y, 0.0), 1)  # [NB, BS]: -L_i of every block
+            b_a += _sum(b_a[:, :, None] * b_Y, 1)
+            b_Y = tl.where(m_i, b_a[:, None, :], b_Y)
+        b_Y += tl.where(o_s[None, :, None] == o_s[None, None, :], 1.0, 0.0)
+        tl.debug_barrier()
+        tl.store(p_D, b_Y, mask=r3 < n)
+        tl.debug_barrier()
 
-    # I + A = (I + A_diag) (I + N) with D = (I + A_diag)^-1 block diagonal and N = D F, F the blocks below the
-    # diagonal. N is nilpotent over the 4 block rows: M = (I + N)^-1 D = (I - N) (I + N^2) D.
-    # D and F are read back from the scratch where they are used, not held in registers in between.
-    m_diag = (o_t[:, None] // BS) == (o_t[None, :] // BS)
-    b_G = tl.load(p_A, mask=m_t[:, None], other=0.0)  # D on the diagonal blocks, F below, 0 above
-    b_zero = tl.full([BT, BT], 0.0, tl.float32)
-    b_N = _dot(tl.where(m_diag, b_G, 0.0), tl.where(m_diag, 0.0, b_G), b_zero, IEEE)
-    b_ImN = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0) - b_N
-    b_P = _dot(b_ImN, _dot(b_N, b_N, b_zero, IEEE), b_ImN, IEEE)
-    b_D = tl.where(m_diag, tl.load(p_A, mask=m_t[:, None], other=0.0), 0.0)
-    b_M = _dot(b_P, b_D, b_zero, IEEE)
-    tl.debug_barrier()
-    tl.store(p_A, b_M, mask=m_t[:, None])
+        # I + A = (I + A_diag) (I + N) with D = (I + A_diag)^-1 block diagonal and N = D F, F the blocks below the
+        # diagonal. N is nilpotent over the 4 block rows: M = (I + N)^-1 D = (I - N) (I + N^2) D.
+        # D and F are read back from the scratch where they are used, not held in registers in between.
+        m_diag = (o_t[:, None] // BS) == (o_t[None, :] // BS)
+        b_G = tl.load(p_A, mask=m_t[:, None], other=0.0)  # D on the diagonal blocks, F below, 0 above
+        b_zero = tl.full([BT, BT], 0.0, tl.float32)
+        b_N = _dot(tl.where(m_diag, b_G, 0.0), tl.where(m_diag, 0.0, b_G), b_zero, IEEE)
+        b_ImN = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0) - b_N
+        b_P = _dot(b_ImN, _dot(b_N, b_N, b_zero, IEEE), b_ImN, IEEE)
+        b_D = tl.where(m_diag, tl.load(p_A, mask=m_t[:, None], other=0.0), 0.0)
+        b_M = _dot(b_P, b_D, b_zero, IEEE)
+        tl.debug_barrier()
+        tl.store(p_A, b_M, mask=m_t[:, None])
+    else:  # M from an earlier call
+        b_M = tl.load(p_A, mask=m_t[:, None], other=0.0)
 
     # w = (M diag(s)) K, u = (M diag(beta)) V: the column scales go into the fp32 matrix so K, V enter exactly.
     b_hi, b_lo = _split(b_M * b_s[None, :], IEEE)
@@ -385,9 +390,11 @@ def _check(k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: Chu
 
 
 def wy_fwd(
-    k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: ChunkLayout, rk: Tensor | None = None
+    k: Tensor, v: Tensor, beta: Tensor, g_cum: Tensor | None, layout: ChunkLayout, rk: Tensor | None = None,
+    A_inv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """w, u and A_inv of every chunk (see the module docstring).
+    """w, u and A_inv of every chunk (see the module docstring); given A_inv (from an earlier call on the same k,
+    beta, g_cum), only w and u, without solving for it again.
 
     Args:
         k: [1, T, H, K] keys, bf16 / fp16 / fp32: l2-normalised, or the raw keys with their rstd in rk.
@@ -396,6 +403,7 @@ def wy_fwd(
         g_cum: [1, T, H] fp32 log decays cumulated from each chunk's start, or None for zeros.
         layout: the chunk layout of the packed batch (chunk_size 64).
         rk: None, or [1, T, H] fp32: the keys are rk * k (`l2norm_rstd`).
+        A_inv: None, or what an earlier call returned.
 
     Returns:
         w [1, T, H, K] in k.dtype, u [1, T, H, V] in v.dtype, and A_inv [1, T, H, 64] fp32 where
@@ -409,11 +417,14 @@ def wy_fwd(
     g_cum = None if g_cum is None else g_cum.contiguous()
     w = _empty(k.shape, k.dtype, k.device)
     u = _empty(v.shape, v.dtype, v.device)
-    A_inv = _empty((1, T, H, CHUNK_SIZE), torch.float32, k.device)
+    solve = A_inv is None
+    if solve:
+        A_inv = _empty((1, T, H, CHUNK_SIZE), torch.float32, k.device)
+    assert A_inv.shape == (1, T, H, CHUNK_SIZE) and A_inv.dtype == torch.float32, (A_inv.shape, A_inv.dtype)
     wy_fwd_kernel[(layout.max_chunks, H)](
         k, rk, v, beta, g_cum, w, u, A_inv, layout.cu_seqlens, layout.chunk_indices,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BS=16, BK=_block(K), BV=_block(V), USE_G=g_cum is not None, NORM=rk is not None,
-        IEEE=_ieee(k, v),
+        SOLVE=solve, IEEE=_ieee(k, v),
     )
     return w, u, A_inv
 

@@ -81,6 +81,20 @@ def test_fwd_bwd_match_reference_fp32(gen, K, V, H, gated):
         assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_given_A_inv_gives_the_same_w_and_u_without_solving(gen, gated, dtype):
+    """The backward's call (A_inv from the forward's): w and u equal the solving call's bit for bit, and A_inv is
+    returned as given, unchanged (no solve writes its scratch rows)."""
+    cu, k, v, beta, g_cum = make_inputs(gen, LENGTHS, 2, 32, 16, gated, dtype=dtype)
+    layout = chunk_layout(cu, 1, k.shape[1], 64, k.device)
+    w, u, A_inv = wy.wy_fwd(k, v, beta, g_cum, layout)
+    given = A_inv.clone()
+    w2, u2, A_inv2 = wy.wy_fwd(k, v, beta, g_cum, layout, A_inv=given)
+    assert A_inv2 is given and torch.equal(given, A_inv)
+    assert torch.equal(w2, w) and torch.equal(u2, u)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_bf16_split_path(gen, gated):
     """bf16 k, v run the tensor-core path (fp32 operands split into bf16 hi + lo); fp32 upstream gradients too.
