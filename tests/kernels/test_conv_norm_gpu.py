@@ -84,6 +84,26 @@ def test_short_conv_real_shape(sc, gen, monkeypatch):
             raise AssertionError(f"{name}: {error}") from None
 
 
+def test_short_conv_backward_into_a_column_slice_real_shape(sc, gen):
+    """The layer's k and v convs: x a column slice of the projection (rows 2056 apart, as [k | v | gates]) and dx
+    written into the same columns of one gradient buffer, bit for bit the contiguous backward's, the other columns
+    untouched."""
+    cu = real_offsets(gen)
+    x, weight, cache, dy, dnc = conv_inputs(gen)
+    C1 = 1024
+    proj = torch.randn(T, 2 * C1 + 8, generator=gen).to(BF16).cuda()
+    view = proj[:, C1:2 * C1]
+    d_proj = torch.full_like(proj, float("nan"))
+    dx, dw, dcache = sc.short_conv_varlen_bwd(view, weight[:C1], cu, cache[..., :C1], dy[:, :C1], dnc[..., :C1], True,
+                                              d_proj[:, C1:2 * C1])
+    expected = sc.short_conv_varlen_bwd(view.contiguous(), weight[:C1], cu, cache[..., :C1], dy[:, :C1],
+                                        dnc[..., :C1], True)
+    assert dx.data_ptr() == d_proj[:, C1:].data_ptr()
+    for actual, want in zip((dx, dw, dcache), expected, strict=True):
+        assert torch.equal(actual, want)
+    assert d_proj[:, :C1].isnan().all() and d_proj[:, 2 * C1:].isnan().all()
+
+
 def test_gated_rmsnorm_real_shape(gn, gen, monkeypatch):
     from momctl.kernels.norm.naive import gated_rmsnorm_ref
 
